@@ -1,9 +1,11 @@
-"""Fake OpenAI-compatible chat server for tests and the load benchmark.
+"""Fake OpenAI-compatible chat server on loopback, for tests and the load benchmark.
 
-Run it with ``python -m bench.fake_upstream --host 127.0.0.1 --port 0``. The last user
-message steers one request through directives such as ``#delay=2``, ``#fail=429``,
-``#fail=500*2 #id=k``, ``#hang``, ``#garbage``, ``#empty``, ``#interval=0.1``,
-``#pieces=3`` and ``#streamfail=2``; see ``parse_directives``.
+Run: ``python -m bench.fake_upstream --host 127.0.0.1 --port 0 [--latency S]
+[--fail-rate P] [--seed N] [--stream-interval S] [--pieces N]``.
+The reply is ``"Echo: " + last user message``. Directives in that message steer one
+request: ``#delay=S``, ``#fail=STATUS``, ``#fail=STATUS*N`` with ``#id=KEY`` (fail the
+first N requests of that id), ``#hang``, ``#garbage``, ``#empty``, ``#interval=S``,
+``#pieces=N``, ``#streamfail=K`` (close the connection after K streamed pieces).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +34,13 @@ MODELS = ("fake-model", "gpt-4o-mini", "fake-model-2")
 BACKLOG = 4096
 READY_PREFIX = "fake upstream listening on "
 _DIRECTIVE = re.compile(r"#([A-Za-z_]+)(?:=(\S+))?")
-_ERROR_KINDS = {
-    400: ("invalid_request_error", "invalid_request"),
-    401: ("authentication_error", "invalid_api_key"),
-    403: ("permission_error", "forbidden"),
-    404: ("not_found_error", "model_not_found"),
-    429: ("rate_limit_error", "rate_limit_exceeded"),
-}
+_ERROR_KINDS = {400: ("invalid_request_error", "invalid_request"), 401: ("authentication_error", "invalid_api_key"),
+                403: ("permission_error", "forbidden"), 404: ("not_found_error", "model_not_found"),
+                429: ("rate_limit_error", "rate_limit_exceeded")}
+_STATS = ("requests", "by_status", "in_flight", "max_in_flight", "completed", "disconnected", "streams_cancelled",
+          "streams_failed", "models_requests", "last_request", "headers")
+# Loopback must never go through an HTTP proxy taken from the environment.
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @dataclass
@@ -55,51 +57,47 @@ class Options:
 
 
 class State:
-    """Hold counters, per-id failure counts and the random source."""
+    """Hold the counters, the per-id failure counts and the random source."""
 
     def __init__(self, options: Any) -> None:
         self.options = options
         self.rng = random.Random(options.seed)
+        self.in_flight = 0
         self.reset()
 
     def reset(self) -> None:
-        """Zero every counter."""
-        self.requests = self.in_flight = self.max_in_flight = self.completed = 0
-        self.disconnected = self.streams_cancelled = self.streams_failed = 0
-        self.models_requests = 0
+        """Zero the counters, keeping the in-flight gauge true."""
+        self.requests = self.completed = self.disconnected = 0
+        self.streams_cancelled = self.streams_failed = self.models_requests = 0
+        self.max_in_flight, self.last_request = self.in_flight, None
         self.by_status: dict[str, int] = {}
         self.fail_counts: dict[str, int] = {}
-        self.last_request: Any = None
         self.headers: dict[str, str] = {}
 
     def snapshot(self) -> dict[str, Any]:
         """Return the counters as a JSON-ready dict."""
-        return {
-            "requests": self.requests, "by_status": dict(self.by_status),
-            "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
-            "completed": self.completed, "disconnected": self.disconnected,
-            "streams_cancelled": self.streams_cancelled,
-            "streams_failed": self.streams_failed,
-            "models_requests": self.models_requests,
-            "last_request": self.last_request, "headers": self.headers,
-        }
+        return {name: getattr(self, name) for name in _STATS}
 
 
 STATE = web.AppKey("state", State)
 
 
 def message_text(content: Any) -> str:
-    """Flatten a message content (string or list of parts) into text."""
-    if isinstance(content, str):
-        return content
+    """Flatten a message content (a string or a list of parts) into text."""
     if isinstance(content, list):
-        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
-    return ""
+        return "".join(p.get("text") or "" for p in content if isinstance(p, dict))
+    return content if isinstance(content, str) else ""
 
 
 def parse_directives(text: str) -> dict[str, str]:
     """Collect ``#key=value`` and ``#key`` tokens; a bare key maps to ``""``."""
     return {key.lower(): value or "" for key, value in _DIRECTIVE.findall(text)}
+
+
+def split_pieces(text: str, count: int) -> list[str]:
+    """Cut text into at most count non-empty pieces that join back into it."""
+    size = max(1, -(-len(text) // max(1, count)))
+    return [text[i:i + size] for i in range(0, len(text), size)]
 
 
 def error_response(status: int, message: str) -> web.Response:
@@ -110,15 +108,10 @@ def error_response(status: int, message: str) -> web.Response:
     return web.json_response(body, status=status, headers=headers)
 
 
-def split_pieces(text: str, count: int) -> list[str]:
-    """Cut text into at most count non-empty pieces that join back to it."""
-    size = max(1, -(-len(text) // max(1, count)))
-    return [text[i:i + size] for i in range(0, len(text), size)]
-
-
-def _chunk(base: dict[str, Any], delta: dict[str, Any], finish: str | None) -> bytes:
-    event = {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
-    return b"data: " + json.dumps(event, separators=(",", ":")).encode() + b"\n\n"
+def _event(base: dict[str, Any], delta: dict[str, Any] | None, finish: str | None = None, **extra: Any) -> bytes:
+    """Encode one server-sent event; delta None gives an empty choices list."""
+    choices = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
+    return b"data: " + json.dumps({**base, "choices": choices, **extra}, separators=(",", ":")).encode() + b"\n\n"
 
 
 async def models(request: web.Request) -> web.Response:
@@ -135,8 +128,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     state.in_flight += 1
     state.max_in_flight = max(state.max_in_flight, state.in_flight)
     state.headers = {k.lower(): v for k, v in request.headers.items()}
-    streaming = False
-    status = 0
+    streaming, status = False, 0
     try:
         try:
             body = await request.json()
@@ -157,7 +149,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except (asyncio.CancelledError, ConnectionError):
         state.disconnected += 1
         state.streams_cancelled += streaming
-        status = 499  # nginx's "client closed request", so by_status shows them
+        status = 499  # nginx's "client closed request"
         raise
     finally:
         state.in_flight -= 1
@@ -165,41 +157,38 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _answer(request: web.Request, state: State, body: dict[str, Any], streaming: bool) -> web.StreamResponse:
-    opts = state.options
-    messages = body["messages"]
+    """Answer a well-formed request as its directives and the options say."""
+    opts, messages = state.options, body["messages"]
     users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"]
     prompt = message_text(users[-1].get("content")) if users else ""
     directives = parse_directives(prompt)
-    # Draw on every request so the failure pattern for a seed does not depend on directives.
+    # Draw on every request so that a seed gives the same failures whatever the directives.
     random_fail = state.rng.random() < opts.fail_rate
-
-    await asyncio.sleep(float(directives.get("delay", opts.latency)))
+    delay = float(directives.get("delay", opts.latency))
+    if delay > 0:
+        await asyncio.sleep(delay)
     if "hang" in directives:
-        await asyncio.Future()
-    fail = directives.get("fail")
-    if fail:
+        await asyncio.get_running_loop().create_future()
+    if fail := directives.get("fail"):
         code, _, times = fail.partition("*")
         key = directives.get("id", "")
-        seen = state.fail_counts.get(key, 0)
-        state.fail_counts[key] = seen + 1
-        if not times or seen < int(times):
+        seen = state.fail_counts[key] = state.fail_counts.get(key, 0) + 1
+        if not times or seen <= int(times):
             return error_response(int(code), f"fake upstream: injected {code} error")
     elif random_fail:
         return error_response(500, "fake upstream: random failure")
     if "garbage" in directives:
-        return web.Response(text="<html>502 not json at all", content_type="application/json")
+        return web.Response(text="<html>502 Bad Gateway, not JSON", content_type="application/json")
 
-    reply = "Echo: " + prompt
-    finish = "stop"
+    reply, finish = "Echo: " + prompt, "stop"
     limit = body.get("max_tokens") or body.get("max_completion_tokens")
-    words = reply.split()
-    if isinstance(limit, int) and len(words) > limit:
+    if isinstance(limit, int) and len(words := reply.split()) > limit:
         reply, finish = " ".join(words[:limit]), "length"
-    model = str(body.get("model") or MODELS[0])
-    base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()), "model": model}
+    base = {"id": f"chatcmpl-{uuid.uuid4().hex[:24]}", "created": int(time.time()),
+            "model": str(body.get("model") or MODELS[0])}
     prompt_tokens = sum(len(message_text(m.get("content")).split()) for m in messages if isinstance(m, dict))
-    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(reply.split()),
-             "total_tokens": prompt_tokens + len(reply.split())}
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": len(reply.split())}
+    usage["total_tokens"] = prompt_tokens + usage["completion_tokens"]
     empty = "empty" in directives
     if not streaming:
         message = {"role": "assistant", "content": reply}
@@ -212,63 +201,58 @@ async def _answer(request: web.Request, state: State, body: dict[str, Any], stre
     break_after = int(directives["streamfail"]) if "streamfail" in directives else None
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await resp.prepare(request)
-    await resp.write(_chunk(base, {"role": "assistant", "content": ""}, None))
+    await resp.write(_event(base, {"role": "assistant", "content": ""}, None))
     for sent, piece in enumerate(pieces):
         if sent == break_after:
             break
         await asyncio.sleep(interval)
-        await resp.write(_chunk(base, {"content": piece}, None))
+        await resp.write(_event(base, {"content": piece}, None))
     if break_after is not None and break_after <= len(pieces):
         state.streams_failed += 1
-        # Closing mid-body leaves the chunked response unterminated: clients see a broken stream.
+        # Closing mid-body leaves the chunked answer unterminated, as a crashed upstream would.
         if request.transport is not None:
             request.transport.close()
         return resp
-    await resp.write(_chunk(base, {}, finish))
+    await resp.write(_event(base, {}, finish))
     if (body.get("stream_options") or {}).get("include_usage"):
-        tail = {**base, "choices": [], "usage": usage}
-        await resp.write(b"data: " + json.dumps(tail).encode() + b"\n\n")
+        await resp.write(_event(base, None, usage=usage))
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
     return resp
 
 
 async def stats(request: web.Request) -> web.Response:
-    """Report the counters."""
+    """Report the counters on GET, zero them on POST."""
+    if request.method == "POST":
+        request.app[STATE].reset()
     return web.json_response(request.app[STATE].snapshot())
 
 
-async def reset(request: web.Request) -> web.Response:
-    """Zero the counters."""
-    request.app[STATE].reset()
-    return web.json_response({"ok": True})
-
-
 async def build_app(options: Any) -> web.Application:
-    """Build the aiohttp application for the given options."""
+    """Build the application; options needs the fields of Options except host and port."""
     app = web.Application(client_max_size=16 * 1024 * 1024)
     app[STATE] = State(options)
     app.router.add_get("/v1/models", models)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/_stats", stats)
-    app.router.add_post("/_reset", reset)
+    app.router.add_post("/_reset", stats)
     return app
 
 
 def _raise_fd_limit() -> None:
+    """Lift the soft open-files limit towards the hard one."""
     # 1000+ held connections need more descriptors than the usual soft limit of 1024.
     try:
         import resource
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else 65536, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 65536) if hard > 0 else 65536), hard))
     except (ImportError, ValueError, OSError):
         pass
 
 
 async def serve(options: Options) -> None:
     """Listen until SIGTERM or SIGINT, printing the ready line once listening."""
-    # handler_cancellation delivers CancelledError to handlers whose client went away.
+    # handler_cancellation raises CancelledError in handlers whose client went away.
     runner = web.AppRunner(await build_app(options), access_log=None,
                            handler_cancellation=True, shutdown_timeout=0.5)
     await runner.setup()
@@ -277,8 +261,7 @@ async def serve(options: Options) -> None:
     sock.bind((options.host, options.port))
     sock.listen(BACKLOG)
     await web.SockSite(runner, sock, backlog=BACKLOG).start()
-    host = f"[{options.host}]" if ":" in options.host else options.host
-    print(f"{READY_PREFIX}http://{host}:{sock.getsockname()[1]}", flush=True)
+    print(f"{READY_PREFIX}http://{options.host}:{sock.getsockname()[1]}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -292,15 +275,10 @@ async def serve(options: Options) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
-    """Read the command-line flags into Options."""
+    """Read the command-line flags (one per Options field) into Options."""
     p = argparse.ArgumentParser(prog="python -m bench.fake_upstream", description=__doc__.splitlines()[0])
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=0)
-    p.add_argument("--latency", type=float, default=0.0, help="seconds before answering")
-    p.add_argument("--fail-rate", type=float, default=0.0, help="fraction answered 500")
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--stream-interval", type=float, default=0.05)
-    p.add_argument("--pieces", type=int, default=5)
+    for f in fields(Options):
+        p.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=f.default)
     return Options(**vars(p.parse_args(argv)))
 
 
@@ -315,21 +293,19 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _pump(stream: Any, lines: queue.Queue[str]) -> None:
-    """Forward lines from a pipe to a queue, then an empty string at end of file."""
+    """Copy lines from a pipe into a queue."""
     for line in stream:
         lines.put(line)
-    lines.put("")
+    lines.put("")  # end of file: the server died
 
 
 class FakeUpstream:
     """Run the fake upstream in a subprocess for the length of a with-block."""
 
-    def __init__(self, *, latency: float = 0.0, fail_rate: float = 0.0, seed: int = 1,
-                 stream_interval: float = 0.05, pieces: int = 5, host: str = "127.0.0.1",
-                 port: int = 0, startup_timeout: float = 15.0) -> None:
-        self.args = ["--host", host, "--port", str(port), "--latency", str(latency),
-                     "--fail-rate", str(fail_rate), "--seed", str(seed),
-                     "--stream-interval", str(stream_interval), "--pieces", str(pieces)]
+    def __init__(self, startup_timeout: float = 15.0, **options: Any) -> None:
+        """Take Options fields as keywords: latency, fail_rate, seed, stream_interval, pieces, port."""
+        flags = asdict(Options(**options))
+        self.args = [a for k, v in flags.items() for a in ("--" + k.replace("_", "-"), str(v))]
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[str] | None = None
         self.root = ""
@@ -341,18 +317,17 @@ class FakeUpstream:
 
     def start(self) -> FakeUpstream:
         """Start the subprocess and wait for its ready line."""
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.fake_upstream", *self.args],
-            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "bench.fake_upstream", *self.args],
+                                     cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True)
         lines: queue.Queue[str] = queue.Queue()
-        # A thread rather than select(): pipes cannot be polled on Windows, and it keeps draining stdout.
+        # A thread, not select(): pipes cannot be polled on Windows, and it keeps stdout drained.
         threading.Thread(target=_pump, args=(self.proc.stdout, lines), daemon=True).start()
         deadline = time.monotonic() + self.startup_timeout
         while not self.root:
             try:
                 line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
-                line = None
+                line = ""
             if not line:
                 self.stop()
                 raise RuntimeError(f"fake upstream did not start (exit code {self.proc.poll()})")
@@ -373,12 +348,12 @@ class FakeUpstream:
 
     def stats(self) -> dict[str, Any]:
         """Fetch the server's counters."""
-        with urllib.request.urlopen(self.root + "/_stats", timeout=5) as r:
+        with _OPENER.open(self.root + "/_stats", timeout=5) as r:
             return json.loads(r.read())
 
     def reset(self) -> None:
         """Zero the server's counters."""
-        urllib.request.urlopen(urllib.request.Request(self.root + "/_reset", data=b"", method="POST"), timeout=5).close()
+        _OPENER.open(urllib.request.Request(self.root + "/_reset", data=b"", method="POST"), timeout=5).close()
 
     def __enter__(self) -> FakeUpstream:
         return self.start()

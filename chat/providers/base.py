@@ -38,7 +38,11 @@ class StreamPiece:
 
 
 class Provider(abc.ABC):
-    """A model backend: async methods run on the loop thread, sync ones on pool threads."""
+    """A model backend: async methods run on the loop thread, sync ones on pool threads.
+
+    ``deadline`` is a ``time.monotonic()`` instant no call may outlive; ``cancel`` is an
+    event the sync methods check between pieces. Methods raise only ChatError subclasses.
+    """
 
     name: str = ""
     #: True when ``acomplete``/``astream`` are real coroutines safe on the loop thread.
@@ -54,19 +58,19 @@ class Provider(abc.ABC):
     def check(self) -> dict[str, Any]:
         """Return a cheap status description; must not call the network."""
 
-    async def acomplete(self, request: ChatRequest) -> Completion:
+    async def acomplete(self, request: ChatRequest, *, deadline: float) -> Completion:
         """Answer on the event-loop thread."""
         raise TypeError(f"provider {self.name!r} has no async API")
 
-    def complete(self, request: ChatRequest) -> Completion:
+    def complete(self, request: ChatRequest, *, deadline: float, cancel: Any = None) -> Completion:
         """Answer on a native pool thread."""
         raise TypeError(f"provider {self.name!r} has no sync API")
 
-    def astream(self, request: ChatRequest) -> AsyncIterator[StreamPiece]:
+    def astream(self, request: ChatRequest, *, deadline: float) -> AsyncIterator[StreamPiece]:
         """Stream pieces on the event-loop thread."""
         raise TypeError(f"provider {self.name!r} cannot stream asynchronously")
 
-    def stream(self, request: ChatRequest) -> Iterator[StreamPiece]:
+    def stream(self, request: ChatRequest, *, deadline: float, cancel: Any = None) -> Iterator[StreamPiece]:
         """Stream pieces on a native pool thread."""
         raise TypeError(f"provider {self.name!r} cannot stream synchronously")
 

@@ -1,0 +1,1 @@
+"""The JSON API blueprints and the helpers they share."""

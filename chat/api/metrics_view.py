@@ -1,0 +1,43 @@
+"""Figures: /api/metrics (JSON for people) and /metrics (Prometheus)."""
+from __future__ import annotations
+
+import time
+
+from flask import Blueprint, Response, jsonify
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from .. import figures, metrics
+from .common import services
+
+bp = Blueprint("metrics", __name__)
+
+
+def _refresh_gauges() -> None:
+    """Write this worker's current state into its gauges before reading them."""
+    svc = services()
+    state = svc.dispatcher.status()
+    metrics.POOL_BUSY.set(state["thread_pool"]["busy"])
+    metrics.LOOP_PENDING.set(state["async_loop"]["pending_tasks"])
+    metrics.CACHE_ENTRIES.set(svc.cache.size())
+    stats = svc.store.pool.get_stats()
+    metrics.DB_POOL_SIZE.set(stats.get("pool_size", 0))
+    metrics.DB_POOL_WAITING.set(stats.get("requests_waiting", 0))
+
+
+@bp.get("/api/metrics")
+def metrics_json() -> Response:
+    """Return the figures summed over all workers, as JSON."""
+    _refresh_gauges()
+    svc = services()
+    body = figures.summary()
+    body["uptime_seconds"] = round(time.time() - svc.started_at, 3)
+    body["worker"] = svc.dispatcher.status()
+    return jsonify(body)
+
+
+@bp.get("/metrics")
+def metrics_text() -> Response:
+    """Return the figures in the Prometheus text format."""
+    _refresh_gauges()
+    return Response(figures.prometheus_text(), mimetype=CONTENT_TYPE_LATEST.split(";")[0],
+                    headers={"Content-Type": CONTENT_TYPE_LATEST})

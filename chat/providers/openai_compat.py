@@ -1,0 +1,188 @@
+"""Any OpenAI-compatible API (OpenAI, Ollama, Groq, Mistral, LocalAI, vLLM) through the openai SDK."""
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import openai
+
+from ..errors import ChatError, UpstreamError, UpstreamTimeout
+from .base import ChatRequest, Completion, Provider, StreamPiece
+from .retry import async_retrying, remaining, sync_retrying
+
+logger = logging.getLogger(__name__)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Tell whether a retry may help: connection errors, 429 and 5xx only."""
+    if isinstance(exc, openai.APITimeoutError):
+        return False  # the deadline is spent; a retry cannot fit in it
+    if isinstance(exc, openai.APIConnectionError):
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code == 429 or exc.status_code >= 500
+    return False
+
+
+def wrap_error(name: str, exc: BaseException) -> ChatError:
+    """Turn an SDK error into the API's error, naming the provider and the status."""
+    if isinstance(exc, ChatError):
+        return exc
+    if isinstance(exc, openai.APITimeoutError):
+        return UpstreamTimeout(f"provider {name!r} timed out")
+    if isinstance(exc, openai.APIConnectionError):
+        return UpstreamError(f"provider {name!r} could not be reached: {exc}", kind="connection")
+    if isinstance(exc, openai.APIStatusError):
+        kind = "rate_limited" if exc.status_code == 429 else (
+            "auth" if exc.status_code in (401, 403) else f"http_{exc.status_code}")
+        return UpstreamError(f"provider {name!r} answered HTTP {exc.status_code}: "
+                             f"{_short(exc.message)}", kind=kind)
+    return UpstreamError(f"provider {name!r} failed: {type(exc).__name__}: {_short(str(exc))}",
+                         kind="invalid_response")
+
+
+def _short(text: str, limit: int = 200) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _params(request: ChatRequest) -> dict[str, Any]:
+    params: dict[str, Any] = {"model": request.model, "messages": list(request.messages)}
+    if request.temperature is not None:
+        params["temperature"] = request.temperature
+    if request.max_tokens is not None:
+        params["max_tokens"] = request.max_tokens
+    return params
+
+
+def to_completion(name: str, response: Any, model: str) -> Completion:
+    """Read a chat.completion object; reject answers that carry no message."""
+    choices = getattr(response, "choices", None)
+    if not choices or getattr(choices[0], "message", None) is None:
+        raise UpstreamError(f"provider {name!r} returned no answer", kind="invalid_response")
+    choice = choices[0]
+    usage = getattr(response, "usage", None)
+    return Completion(
+        text=choice.message.content or "",
+        model=getattr(response, "model", None) or model,
+        finish_reason=choice.finish_reason or "stop",
+        prompt_tokens=getattr(usage, "prompt_tokens", None),
+        completion_tokens=getattr(usage, "completion_tokens", None),
+    )
+
+
+def chunk_piece(chunk: Any) -> StreamPiece | None:
+    """Read one chat.completion.chunk; None when it carries nothing."""
+    choices = getattr(chunk, "choices", None)
+    if not choices:
+        return None
+    delta = getattr(choices[0], "delta", None)
+    text = (getattr(delta, "content", None) or "") if delta is not None else ""
+    finish = getattr(choices[0], "finish_reason", None)
+    if not text and not finish:
+        return None
+    return StreamPiece(text=text, finish_reason=finish)
+
+
+class OpenAICompatProvider(Provider):
+    """Call an OpenAI-compatible endpoint; async client on the loop thread, sync on pool threads."""
+
+    name = "openai"
+
+    def __init__(self, *, base_url: str, api_key: str, models: list[str], default_model: str,
+                 max_connections: int = 1000, retry_attempts: int = 3,
+                 retry_backoff: float = 0.25) -> None:
+        self.base_url = base_url or None
+        self.api_key = api_key or "not-needed"
+        self._models = models or [default_model]
+        self._limits = httpx.Limits(max_connections=max_connections,
+                                    max_keepalive_connections=min(max_connections, 200))
+        self._retry = {"attempts": retry_attempts, "backoff": retry_backoff}
+        self._sync: openai.OpenAI | None = None
+        self._async: openai.AsyncOpenAI | None = None
+
+    def models(self) -> list[str]:
+        return list(self._models)
+
+    def check(self) -> dict[str, Any]:
+        return {"name": self.name, "base_url": self.base_url or "https://api.openai.com/v1",
+                "models": len(self._models), "api_key_set": self.api_key != "not-needed"}
+
+    def _sync_client(self) -> openai.OpenAI:
+        if self._sync is None:
+            self._sync = openai.OpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=0,
+                                       http_client=httpx.Client(limits=self._limits))
+        return self._sync
+
+    def _async_client(self) -> openai.AsyncOpenAI:
+        # Built on first use inside the loop thread so its connections belong to that loop.
+        if self._async is None:
+            self._async = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key,
+                                             max_retries=0,
+                                             http_client=httpx.AsyncClient(limits=self._limits))
+        return self._async
+
+    async def acomplete(self, request: ChatRequest, *, deadline: float) -> Completion:
+        client = self._async_client()
+        try:
+            async for attempt in async_retrying(self.name, deadline=deadline,
+                                                is_transient=is_transient, **self._retry):
+                with attempt:
+                    response = await client.chat.completions.create(
+                        **_params(request), timeout=remaining(deadline))
+        except Exception as exc:
+            raise wrap_error(self.name, exc) from exc
+        return to_completion(self.name, response, request.model)
+
+    def complete(self, request: ChatRequest, *, deadline: float, cancel: Any = None) -> Completion:
+        client = self._sync_client()
+        try:
+            for attempt in sync_retrying(self.name, deadline=deadline, is_transient=is_transient,
+                                         **self._retry):
+                with attempt:
+                    response = client.chat.completions.create(**_params(request),
+                                                              timeout=remaining(deadline))
+        except Exception as exc:
+            raise wrap_error(self.name, exc) from exc
+        return to_completion(self.name, response, request.model)
+
+    async def astream(self, request: ChatRequest, *, deadline: float) -> AsyncIterator[StreamPiece]:
+        client = self._async_client()
+        try:
+            async for attempt in async_retrying(self.name, deadline=deadline,
+                                                is_transient=is_transient, **self._retry):
+                with attempt:
+                    stream = await client.chat.completions.create(
+                        **_params(request), stream=True, timeout=remaining(deadline))
+            async with stream:
+                async for chunk in stream:
+                    piece = chunk_piece(chunk)
+                    if piece is not None:
+                        yield piece
+        except Exception as exc:
+            raise wrap_error(self.name, exc) from exc
+
+    def stream(self, request: ChatRequest, *, deadline: float,
+               cancel: Any = None) -> Iterator[StreamPiece]:
+        client = self._sync_client()
+        try:
+            for attempt in sync_retrying(self.name, deadline=deadline, is_transient=is_transient,
+                                         **self._retry):
+                with attempt:
+                    stream = client.chat.completions.create(**_params(request), stream=True,
+                                                            timeout=remaining(deadline))
+            with stream:
+                for chunk in stream:
+                    if cancel is not None and cancel.is_set():
+                        return
+                    piece = chunk_piece(chunk)
+                    if piece is not None:
+                        yield piece
+        except Exception as exc:
+            raise wrap_error(self.name, exc) from exc
+
+    def close(self) -> None:
+        if self._sync is not None:
+            self._sync.close()

@@ -1,0 +1,162 @@
+"""Request and response models: they validate bodies and generate the OpenAPI document."""
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+
+from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
+
+from .errors import ValidationFailed
+
+
+class Turn(BaseModel):
+    """One message of a client-held transcript."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+    @field_validator("content")
+    @classmethod
+    def _bounded(cls, value: str, info: ValidationInfo) -> str:
+        limit = (info.context or {}).get("max_message_chars", 8000)
+        if len(value) > limit:
+            raise ValueError(f"must be at most {limit} characters, got {len(value)}")
+        return value
+
+
+class ChatBody(BaseModel):
+    """The body of POST /api/chat."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "examples": [{"message": "Hello!"},
+                     {"messages": [{"role": "user", "content": "Hi"}], "stream": True}]})
+
+    message: str | None = Field(None, description="the new user turn")
+    messages: list[Turn] | None = Field(None, description="a client-held transcript, last turn from the user")
+    conversation_id: uuid.UUID | None = None
+    system_prompt: str | None = None
+    model: str | None = None
+    provider: str | None = None
+    temperature: float | None = Field(None, ge=0, le=2)
+    max_tokens: int | None = Field(None, ge=1, le=32768)
+    stream: bool = False
+    use_async: bool = Field(True, validation_alias=AliasChoices("use_async", "useAsync"))
+    cache: bool = True
+
+    @field_validator("message")
+    @classmethod
+    def _message_bounds(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        limit = (info.context or {}).get("max_message_chars", 8000)
+        if not value:
+            raise ValueError("must not be empty")
+        if len(value) > limit:
+            raise ValueError(f"must be at most {limit} characters, got {len(value)}")
+        return value
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _prompt_bounds(cls, value: str | None, info: ValidationInfo) -> str | None:
+        limit = (info.context or {}).get("max_message_chars", 8000)
+        if value is not None and len(value) > limit:
+            raise ValueError(f"must be at most {limit} characters, got {len(value)}")
+        return value or None
+
+    @model_validator(mode="after")
+    def _one_source(self, info: ValidationInfo) -> ChatBody:
+        if (self.message is None) == (self.messages is None):
+            raise ValueError("send exactly one of 'message' and 'messages'")
+        if self.messages is not None:
+            limit = (info.context or {}).get("max_messages", 50)
+            if not 1 <= len(self.messages) <= limit:
+                raise ValueError(f"'messages' must hold 1 to {limit} items, got {len(self.messages)}")
+            if self.messages[-1].role != "user":
+                raise ValueError("the last item of 'messages' must have role 'user'")
+            if self.conversation_id is not None:
+                raise ValueError("'conversation_id' goes with 'message', not 'messages'")
+        return self
+
+
+class ConversationCreate(BaseModel):
+    """The body of POST /api/conversations."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    title: str = Field("", max_length=200)
+    system_prompt: str | None = Field(None, max_length=8000)
+    model: str | None = Field(None, max_length=200)
+
+
+class ConversationRename(BaseModel):
+    """The body of PATCH /api/conversations/<id>."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    title: str = Field(..., min_length=1, max_length=200)
+
+    @field_validator("title")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        value = " ".join(value.split())
+        if not value:
+            raise ValueError("must not be blank")
+        return value
+
+
+class PageQuery(BaseModel):
+    """Paging query parameters."""
+
+    limit: int = Field(20, ge=1, le=100)
+    cursor: str | None = None
+
+
+class ChatReply(BaseModel):
+    """The answer of POST /api/chat."""
+
+    success: bool = True
+    message: str
+    conversation_id: str
+    message_id: str
+    model: str
+    provider: str
+    cached: bool
+    processing_method: Literal["async", "thread", "cache"]
+    processing_time: float
+    queue_size: int
+    finish_reason: str | None = None
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorReply(BaseModel):
+    """Every error answer."""
+
+    success: bool = False
+    error: ErrorBody
+    request_id: str
+
+
+def validate(model: type[BaseModel], data: Any, **context: Any) -> Any:
+    """Validate data against model; raise ValidationFailed listing each field."""
+    if not isinstance(data, dict):
+        raise ValidationFailed("the body must be a JSON object",
+                               details=[{"field": "body", "message": "expected an object"}])
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        details = []
+        for err in exc.errors(include_url=False, include_input=False):
+            field = ".".join(str(p) for p in err["loc"]) or "body"
+            message = err["msg"].removeprefix("Value error, ")
+            details.append({"field": field, "message": message})
+        summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
+        raise ValidationFailed(f"invalid request: {summary}", details=details) from None
