@@ -13,11 +13,8 @@ import aiohttp
 import openai
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # plain `pytest` puts tests/ on sys.path, not the repo root
-    sys.path.insert(0, str(ROOT))
 
-from bench.fake_upstream import FakeUpstream, parse_directives, split_pieces  # noqa: E402
+from bench.fake_upstream import FakeUpstream, parse_directives, split_pieces
 
 
 @pytest.fixture(scope="module")
