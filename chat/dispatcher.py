@@ -71,6 +71,49 @@ class _NativeFlag:
         return self._set
 
 
+class NativeLoop(asyncio.SelectorEventLoop):
+    """An event loop safe to run on a native thread of a gevent-patched process.
+
+    Built on the original selector, and its default executor runs calls on real OS
+    threads: under patching, concurrent.futures would start greenlets that no hub
+    runs on this thread (anyio's getaddrinfo goes through it, for one).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_original("selectors", "DefaultSelector")())
+
+    async def getaddrinfo(self, host: Any, port: Any, *, family: int = 0, type: int = 0,
+                          proto: int = 0, flags: int = 0) -> Any:
+        # The patched socket.getaddrinfo would start a gevent hub and resolver pool in
+        # whichever native thread calls it; the original one just blocks that thread.
+        resolve = _original("socket", "getaddrinfo")
+        return await self.run_in_executor(None, resolve, host, port, family, type, proto, flags)
+
+    def run_in_executor(self, executor: Any, func: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        if executor is not None:
+            return super().run_in_executor(executor, func, *args)
+        future: asyncio.Future[T] = self.create_future()
+
+        def settle(result: Any, error: BaseException | None) -> None:
+            if future.cancelled():
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        def work() -> None:
+            try:
+                result, error = func(*args), None
+            except BaseException as exc:
+                result, error = None, exc
+            if not self.is_closed():
+                self.call_soon_threadsafe(settle, result, error)
+
+        _original("_thread", "start_new_thread")(work, ())
+        return future
+
+
 class Waker:
     """Wake one waiter in the calling thread (or greenlet) from any other thread."""
 
@@ -139,8 +182,7 @@ class Dispatcher:
         with self._lock:
             if self._loop is not None or self._closed:
                 return self._loop if self._loop_alive else None
-            selector = _original("selectors", "DefaultSelector")()
-            loop = asyncio.SelectorEventLoop(selector)
+            loop = NativeLoop()
             self._loop = loop
             self._loop_alive = True
             _original("_thread", "start_new_thread")(self._run_loop, (loop,))

@@ -64,7 +64,10 @@ def _http_error(exc: HTTPException) -> Response:
     messages = {404: f"no such endpoint: {request.method} {request.path}",
                 405: f"method {request.method} is not allowed on {request.path}",
                 413: "the request body is too large"}
-    return error_response(status, code, messages.get(status, exc.description or exc.name))
+    response = error_response(status, code, messages.get(status, exc.description or exc.name))
+    if getattr(exc, "valid_methods", None):  # RFC 9110: a 405 names the allowed methods
+        response.headers["Allow"] = ", ".join(exc.valid_methods)  # type: ignore[attr-defined]
+    return response
 
 
 def _unexpected(exc: Exception) -> Response:

@@ -67,16 +67,24 @@ class ChatBody(BaseModel):
             raise ValueError(f"must be at most {limit} characters, got {len(value)}")
         return value or None
 
+    @field_validator("messages")
+    @classmethod
+    def _transcript_bounds(cls, value: list[Turn] | None, info: ValidationInfo) -> list[Turn] | None:
+        # A field validator, so that `details` names the field `messages`.
+        if value is None:
+            return None
+        limit = (info.context or {}).get("max_messages", 50)
+        if not 1 <= len(value) <= limit:
+            raise ValueError(f"must hold 1 to {limit} items, got {len(value)}")
+        if value[-1].role != "user":
+            raise ValueError("the last item must have role 'user'")
+        return value
+
     @model_validator(mode="after")
     def _one_source(self, info: ValidationInfo) -> ChatBody:
         if (self.message is None) == (self.messages is None):
             raise ValueError("send exactly one of 'message' and 'messages'")
         if self.messages is not None:
-            limit = (info.context or {}).get("max_messages", 50)
-            if not 1 <= len(self.messages) <= limit:
-                raise ValueError(f"'messages' must hold 1 to {limit} items, got {len(self.messages)}")
-            if self.messages[-1].role != "user":
-                raise ValueError("the last item of 'messages' must have role 'user'")
             if self.conversation_id is not None:
                 raise ValueError("'conversation_id' goes with 'message', not 'messages'")
         return self

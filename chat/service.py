@@ -1,6 +1,7 @@
 """ChatService: cache, single flight, dispatch to a provider, and storing each exchange."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -88,6 +89,8 @@ class ChatService:
                 use_async: bool = True, use_cache: bool = True, store: bool = True) -> Exchange:
         """Check the provider and model, load history, and build the transcript."""
         provider_name = provider or self.default_provider
+        if provider_name not in self.providers.names():
+            self.providers.check_choice(provider_name, model or "")  # 422 naming the provider, not a KeyError
         model_name = model or (self.default_model if provider_name == self.default_provider
                                else self.providers.default_model(provider_name))
         self.providers.check_choice(provider_name, model_name)
@@ -105,6 +108,8 @@ class ChatService:
         if conversation_id is not None:
             conv, history = self.store.history(owner, conversation_id, limit=self.history_limit)
             system_prompt = conv["system_prompt"]
+            if model is None and conv["model"] in self.providers.models(provider_name):
+                model_name = conv["model"]  # a conversation keeps the model it was created with
         else:
             history = []
             conversation_id = _new_id() if store else None
@@ -142,12 +147,16 @@ class ChatService:
                       queue, {"prompt_tokens": completion.prompt_tokens,
                               "completion_tokens": completion.completion_tokens})
 
-    def _admitted(self) -> Any:
-        try:
-            return self.dispatcher.admit()
-        except Overloaded:
-            metrics.LOAD_SHED.inc()
-            raise
+    @contextlib.contextmanager
+    def _admitted(self) -> Iterator[None]:
+        # admit() is a context manager: Overloaded comes from entering it, not calling it.
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(self.dispatcher.admit())
+            except Overloaded:
+                metrics.LOAD_SHED.inc()
+                raise
+            yield
 
     def _call(self, ex: Exchange) -> dict[str, Any]:
         provider = self.providers.get(ex.provider)

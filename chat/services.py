@@ -59,6 +59,7 @@ def build_services(settings: Settings) -> Services:
     dispatcher = Dispatcher(pool_size=settings.thread_pool_size,
                             max_inflight=settings.max_inflight,
                             loop_max_tasks=settings.loop_max_tasks)
+    dispatcher.start()
     providers = build_registry(settings)
     chat = ChatService(store=store, cache=cache, dispatcher=dispatcher, providers=providers,
                        request_timeout=settings.request_timeout,

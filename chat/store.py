@@ -51,13 +51,14 @@ def _encode_cursor(*parts: Any) -> str:
     return base64.urlsafe_b64encode(json.dumps([str(p) for p in parts]).encode()).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str, size: int) -> list[str]:
+def _decode_cursor(cursor: str, *types: Any) -> list[Any]:
+    """Decode a cursor into one value per type; a forged or stale cursor is a 422, never a 500."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         parts = json.loads(raw)
-        if not isinstance(parts, list) or len(parts) != size:
+        if not isinstance(parts, list) or len(parts) != len(types):
             raise ValueError
-        return [str(p) for p in parts]
+        return [kind(str(p)) for kind, p in zip(types, parts)]
     except (ValueError, TypeError):
         raise ValidationFailed("cursor is not valid", details=[
             {"field": "cursor", "message": "use the next_cursor value of a previous page"}]) from None
@@ -158,7 +159,7 @@ class Store:
         params: list[Any] = [owner]
         where = "owner = %s"
         if cursor:
-            stamp, ident = _decode_cursor(cursor, 2)
+            stamp, ident = _decode_cursor(cursor, datetime.fromisoformat, uuid.UUID)
             where += " AND (updated_at, id) < (%s::timestamptz, %s::uuid)"
             params += [stamp, ident]
         with self._conn() as conn:
@@ -174,7 +175,7 @@ class Store:
     def get_messages(self, owner: str, conversation_id: str, *, limit: int = 100,
                      cursor: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]], str | None]:
         conv = self.get_conversation(owner, conversation_id)
-        after = int(_decode_cursor(cursor, 1)[0]) if cursor else -1
+        after = _decode_cursor(cursor, int)[0] if cursor else -1
         with self._conn() as conn:
             rows = conn.execute(
                 f"SELECT seq, {_MSG_COLUMNS} FROM messages WHERE conversation_id = %s AND seq > %s"

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -19,7 +21,7 @@ os.environ.setdefault("G4F_CONFIG_DIR", "/tmp/chat-tests-g4f")
 
 
 @pytest.fixture(scope="session")
-def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def database_url() -> Iterator[str]:
     """Return a PostgreSQL URL: TEST_DATABASE_URL, or an embedded server for the session."""
     url = os.environ.get("TEST_DATABASE_URL")
     if url:
@@ -27,9 +29,12 @@ def database_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         return
     from chat.embedded_db import EmbeddedPostgres
 
-    server = EmbeddedPostgres(str(tmp_path_factory.mktemp("pg")))
+    # Not under pytest's basetemp: a concurrent pytest run may prune that folder.
+    folder = tempfile.mkdtemp(prefix="chat-test-pg-")
+    server = EmbeddedPostgres(folder)
     yield server.start()
     server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ import requests
 from g4f.client import AsyncClient
 from g4f.requests import aiohttp as g4f_aiohttp
 
-from ..dispatcher import _original
+from ..dispatcher import NativeLoop, _original
 from ..errors import ChatError, UpstreamError, UpstreamTimeout
 from ..settings import SettingsError
 from .base import ChatRequest, Completion, Provider, StreamPiece
@@ -22,7 +22,8 @@ from .retry import async_retrying, remaining
 
 logger = logging.getLogger(__name__)
 
-_STATUS = re.compile(r"Response (\d{3})")
+# g4f reports a status as "Response 500: ..." (raise_for_status) or "Error 500: ..." (raise_error).
+_STATUS = re.compile(r"(?:Response|Error) (\d{3})")
 DEFAULT_MODELS = ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini", "gpt-4.1", "o3-mini",
                   "llama-3.3-70b", "deepseek-v3", "gemini-2.0-flash"]
 
@@ -39,7 +40,7 @@ def is_transient(exc: BaseException) -> bool:
         return False
     if isinstance(exc, g4f.errors.RateLimitError):
         return True
-    if isinstance(exc, g4f.errors.ResponseStatusError):
+    if isinstance(exc, g4f.errors.ResponseError):
         status = _status_of(exc)
         return status is not None and (status == 429 or status >= 500)
     return isinstance(exc, (aiohttp.ClientConnectionError, requests.ConnectionError,
@@ -58,7 +59,7 @@ def wrap_error(name: str, exc: BaseException) -> ChatError:
         return UpstreamError(f"provider {name!r} refused the request: {exc}", kind="auth")
     if isinstance(exc, g4f.errors.RateLimitError):
         return UpstreamError(f"provider {name!r} is rate limited: {exc}", kind="rate_limited")
-    if isinstance(exc, g4f.errors.ResponseStatusError):
+    if isinstance(exc, g4f.errors.ResponseError):
         status = _status_of(exc)
         return UpstreamError(f"provider {name!r} answered HTTP {status}: {exc}",
                              kind=f"http_{status}" if status else "error")
@@ -177,7 +178,7 @@ class G4FProvider(Provider):
         ident = self._get_ident()
         loop = self._thread_loops.get(ident)
         if loop is None:
-            loop = asyncio.SelectorEventLoop(_original("selectors", "DefaultSelector")())
+            loop = NativeLoop()
             self._thread_loops[ident] = loop
         return loop
 

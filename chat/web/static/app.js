@@ -33,9 +33,9 @@
 
   const memory = new Map(); // used when the browser refuses localStorage
   const store = {
-    get: (k) => { try { return localStorage.getItem(k); } catch (e) { return memory.get(k) ?? null; } },
-    set: (k, v) => { try { localStorage.setItem(k, v); } catch (e) { memory.set(k, v); } },
-    remove: (k) => { try { localStorage.removeItem(k); } catch (e) { memory.delete(k); } },
+    get: (k) => { try { return localStorage.getItem(k); } catch { return memory.get(k) ?? null; } },
+    set: (k, v) => { try { localStorage.setItem(k, v); } catch { memory.set(k, v); } },
+    remove: (k) => { try { localStorage.removeItem(k); } catch { memory.delete(k); } },
   };
 
   function randomId() {
@@ -81,13 +81,13 @@
     const headers = { Accept: options.accept || "application/json", "X-Client-Id": clientId() };
     const key = (store.get(KEYS.apiKey) || "").trim();
     if (key) headers.Authorization = `Bearer ${key}`;
-    const init = { method: options.method || "GET", headers, signal: options.signal, cache: "no-store" };
+    const request = { method: options.method || "GET", headers, signal: options.signal, cache: "no-store" };
     if (options.body !== undefined) {
       headers["Content-Type"] = "application/json";
-      init.body = JSON.stringify(options.body);
+      request.body = JSON.stringify(options.body);
     }
     try {
-      return await fetch(path, init);
+      return await fetch(path, request);
     } catch (err) {
       if (err && err.name === "AbortError") throw err;
       throw new ApiError({ code: "offline" }); // network failure: offline or server unreachable
@@ -96,7 +96,7 @@
 
   async function errorFromResponse(res) {
     let body = null;
-    try { body = await res.json(); } catch (e) { /* not JSON, e.g. a proxy's error page */ }
+    try { body = await res.json(); } catch { /* not JSON, e.g. a proxy's error page */ }
     const info = (body && typeof body.error === "object" && body.error) || {};
     return new ApiError({
       status: res.status,
@@ -179,7 +179,7 @@
     try {
       const url = new URL(href);
       return ["http:", "https:", "mailto:"].includes(url.protocol) ? url.href : null;
-    } catch (e) {
+    } catch {
       return null;
     }
   }
@@ -265,18 +265,19 @@
     return i;
   }
 
-  // Inline rules, tried in order at the characters that can start them.
+  // Inline rules, tried in order at the characters that can start them. `open` is the
+  // opening delimiter alone: when it matches but the rule does not, no closer follows,
+  // so the rule is skipped for the rest of the text (keeps rendering linear).
   const INLINE_RULES = [
     { starts: "\\", re: /\\([!-/:-@[-`{-~])/y, make: (m) => document.createTextNode(m[1]) },
-    { starts: "`", re: /(`+)([\s\S]*?[^`])\1(?!`)/y, make: (m) => el("code", null, [m[2].replace(/\n/g, " ")]) },
     { starts: "[", link: true, make: makeLink,
       re: /\[([^[\]\n]+)\]\(\s*<?((?:[^\s<>()]|\([^\s<>()]*\))+)>?(?:\s+"[^"\n]*")?\s*\)/y },
     { starts: "hH", link: true, wordStart: true, re: /https?:\/\/[^\s<>"'`]*[^\s<>"'`.,:;!?)\]}*_~]/iy,
       make: (m, d) => makeLink([m[0], m[0], m[0]], d) },
-    { starts: "*", re: /\*\*(?=\S)([\s\S]*?\S)\*\*/y, tag: "strong" },
-    { starts: "_", wordStart: true, re: /__(?=\S)([\s\S]*?\S)__(?!\w)/y, tag: "strong" },
-    { starts: "*", re: /\*(?=[^\s*])([\s\S]*?[^\s*])\*(?!\*)/y, tag: "em" },
-    { starts: "_", wordStart: true, re: /_(?=[^\s_])([\s\S]*?[^\s_])_(?!\w)/y, tag: "em" },
+    { starts: "*", re: /\*\*(?=\S)([\s\S]*?\S)\*\*/y, open: /\*\*(?=\S)/y, tag: "strong" },
+    { starts: "_", wordStart: true, re: /__(?=\S)([\s\S]*?\S)__(?!\w)/y, open: /__(?=\S)/y, tag: "strong" },
+    { starts: "*", re: /\*(?=[^\s*])([\s\S]*?[^\s*])\*(?!\*)/y, open: /\*(?=[^\s*])/y, tag: "em" },
+    { starts: "_", wordStart: true, re: /_(?=[^\s_])([\s\S]*?[^\s_])_(?!\w)/y, open: /_(?=[^\s_])/y, tag: "em" },
   ];
   const INLINE_STARTS = new Set(INLINE_RULES.map((r) => r.starts).join(""));
 
@@ -284,6 +285,20 @@
     const href = safeHref(m[2]);
     if (!href) return document.createTextNode(m[0]); // not http(s)/mailto: shown as typed
     return el("a", { href, target: "_blank", rel: "noopener noreferrer" }, [renderInline(m[1], depth + 1, true)]);
+  }
+
+  // A code span: a run of backticks up to the next run of the same length.
+  function matchCode(text, pos, dead) {
+    let run = 0;
+    while (text[pos + run] === "`") run += 1;
+    for (let i = pos + run; !dead.has(`code${run}`) && i < text.length;) {
+      let k = 0;
+      while (text[i + k] === "`") k += 1;
+      if (k === run) return [text.slice(pos, i + k), text.slice(pos + run, i)];
+      i += k || 1;
+    }
+    dead.add(`code${run}`);
+    return [text.slice(pos, pos + run), null]; // no closing run: the backticks are plain text
   }
 
   function appendText(parent, text) {
@@ -295,16 +310,32 @@
 
   function renderInline(text, depth = 0, inLink = false) {
     const frag = document.createDocumentFragment();
+    const dead = new Set();
     let plain = "", pos = 0;
     scan: while (pos < text.length) {
       const ch = text[pos];
+      if (ch === "`") {
+        const [raw, code] = matchCode(text, pos, dead);
+        if (code === null) {
+          plain += raw;
+        } else {
+          appendText(frag, plain);
+          plain = "";
+          frag.append(el("code", null, [code.replace(/\n/g, " ")]));
+        }
+        pos += raw.length;
+        continue;
+      }
       if (INLINE_STARTS.has(ch) && depth < MAX_DEPTH) {
         for (const rule of INLINE_RULES) {
-          if (!rule.starts.includes(ch) || (rule.link && inLink)) continue;
+          if (!rule.starts.includes(ch) || (rule.link && inLink) || dead.has(rule)) continue;
           if (rule.wordStart && pos > 0 && /\w/.test(text[pos - 1])) continue;
           rule.re.lastIndex = pos;
           const m = rule.re.exec(text);
-          if (!m) continue;
+          if (!m) {
+            if (rule.open) { rule.open.lastIndex = pos; if (rule.open.test(text)) dead.add(rule); }
+            continue;
+          }
           appendText(frag, plain);
           plain = "";
           frag.append(rule.tag ? el(rule.tag, null, [renderInline(m[1], depth + 1, inLink)]) : rule.make(m, depth));
@@ -383,7 +414,7 @@
     let buffer = "", eventName = "message", data = [];
     const dispatch = () => {
       let parsed = null;
-      try { parsed = data.length ? JSON.parse(data.join("\n")) : null; } catch (e) { /* "[DONE]" or junk */ }
+      try { parsed = data.length ? JSON.parse(data.join("\n")) : null; } catch { /* "[DONE]" or junk */ }
       if (parsed && typeof parsed === "object") onEvent(eventName, parsed);
       data = [];
       eventName = "message";
@@ -418,9 +449,8 @@
   }
 
   function handleStreamEvent(stream, eventName, data) {
-    if (eventName === "error" || (data.error && typeof data.error === "object")) {
-      const info = eventName === "error" ? data : data.error;
-      throw new ApiError({ code: String(info.code || "stream_error"), message: String(info.message || "") });
+    if (eventName === "error") {
+      throw new ApiError({ code: String(data.code || "stream_error"), message: String(data.message || "") });
     }
     if (data.conversation_id && !stream.started) {
       stream.started = true;
@@ -431,14 +461,15 @@
     }
     if (typeof data.delta === "string" && data.delta) {
       stream.text += data.delta;
-      if (!stream.renderQueued) { // at most one re-render per frame
+      if (!stream.renderQueued) { // at most one re-render per frame; less often for long replies
         stream.renderQueued = true;
-        requestAnimationFrame(() => {
-          stream.renderQueued = false;
-          const stick = nearBottom();
+        setTimeout(() => requestAnimationFrame(() => {
+          const started = performance.now(), stick = nearBottom();
           setMessageText(stream.reply, stream.text);
           if (stick) scrollToBottom();
-        });
+          stream.renderMs = performance.now() - started;
+          stream.renderQueued = false;
+        }), Math.max(0, (stream.renderMs || 0) * 4 - 16));
       }
     }
     if (data.done) stream.done = data;
@@ -460,6 +491,7 @@
     if (state.conversationId) body.conversation_id = state.conversationId;
     ui.input.value = "";
     autoGrow();
+    if (document.activeElement === ui.sendButton) ui.input.focus(); // the button is about to hide
     const userNode = addMessage("user", text);
     const reply = addMessage("assistant", "");
     reply.classList.add("streaming");
@@ -653,6 +685,7 @@
     clearMessages();
     if (clear) clearError();
     markActive(null);
+    selectModel(store.get(KEYS.model), false); // back to the user's own choice
     closeSidebar(false);
     ui.input.focus();
   }
@@ -702,7 +735,7 @@
     try {
       const data = await apiJson("/v1/models");
       ids = ((data && data.data) || []).map((m) => m && m.id).filter((id) => typeof id === "string" && id);
-    } catch (err) { /* the picker falls back to the server's default model */ }
+    } catch { /* the picker falls back to the server's default model */ }
     ui.modelSelect.replaceChildren(...(ids.length ? ids.map((id) => el("option", { value: id }, [id]))
       : [el("option", { value: "" }, ["Default model"])]));
     selectModel(store.get(KEYS.model), false);
