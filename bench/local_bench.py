@@ -2,7 +2,7 @@
 
     python -m bench.local_bench [--threads 2,1] [--max-concurrent 2] [--max-tokens 128] [--rounds 2]
 
-Writes bench/results/local.json. Needs requirements-local.txt.
+Run from the repository root. Writes bench/results/local.json. Needs requirements-local.txt.
 """
 from __future__ import annotations
 
@@ -17,14 +17,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script as well as with -m
-    sys.path.insert(0, str(ROOT))
-
-from chat.providers.base import ChatRequest  # noqa: E402
-from chat.providers.local import LocalProvider, available  # noqa: E402
+from chat.providers.base import ChatRequest
+from chat.providers.local import LocalProvider, available
 
 logger = logging.getLogger(__name__)
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TOPICS = ["the history of the sea", "how bridges are built", "the life of bees", "winter in the mountains",
           "the first computers", "a journey by train", "growing tomatoes", "the moon landing"]

@@ -36,6 +36,11 @@ class Services:
         if self.closed:
             return
         self.closed = True
+        if self.dispatcher.loop_usable():
+            try:
+                self.dispatcher.run_async(self.providers.aclose, timeout=3)
+            except Exception:
+                logger.warning("provider clients did not close cleanly", exc_info=True)
         self.dispatcher.close()
         self.providers.close()
         self.store.close()

@@ -75,6 +75,14 @@ class ProviderRegistry:
         return {"configured": {n: p.check() for n, p in self._providers.items()},
                 "unavailable": self.unavailable}
 
+    async def aclose(self) -> None:
+        """Close every provider's loop-bound clients; run on the loop thread."""
+        for provider in self._providers.values():
+            try:
+                await provider.aclose()
+            except Exception:
+                logger.exception("closing provider %r failed", provider.name)
+
     def close(self) -> None:
         for provider in self._providers.values():
             try:

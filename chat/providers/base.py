@@ -74,5 +74,8 @@ class Provider(abc.ABC):
         """Stream pieces on a native pool thread."""
         raise TypeError(f"provider {self.name!r} cannot stream synchronously")
 
+    async def aclose(self) -> None:
+        """Release clients bound to the event-loop thread; runs on that thread."""
+
     def close(self) -> None:
         """Release clients and sessions."""

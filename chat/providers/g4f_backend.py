@@ -198,3 +198,16 @@ class G4FProvider(Provider):
                     return
         finally:
             loop.run_until_complete(agen.aclose())
+
+    async def aclose(self) -> None:
+        connector = g4f_aiohttp._loop_connectors.pop(asyncio.get_running_loop(), None)
+        if connector is not None:
+            await connector.close()
+        self._clients.pop(id(asyncio.get_running_loop()), None)
+
+    def close(self) -> None:
+        for loop in list(self._thread_loops.values()):
+            connector = g4f_aiohttp._loop_connectors.pop(loop, None)
+            if connector is not None and not loop.is_closed() and not loop.is_running():
+                loop.run_until_complete(connector.close())
+        self._thread_loops.clear()

@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,11 +51,11 @@ def _refuse_event_loop() -> None:
     if hub_module is not None:
         import greenlet
 
-        current = greenlet.getcurrent()
-        while current is not None:  # greenlets under a hub have it as an ancestor
-            if isinstance(current, hub_module.Hub):
-                raise RuntimeError("LocalProvider blocks: call it on a native pool thread, not a greenlet")
-            current = current.parent
+        on_hub, current = False, greenlet.getcurrent()
+        while current is not None and not on_hub:  # greenlets under a hub have it as an ancestor
+            on_hub, current = isinstance(current, hub_module.Hub), current.parent
+        if on_hub:
+            raise RuntimeError("LocalProvider blocks: call it on a native pool thread, not a greenlet")
 
 
 def default_model_path() -> str | None:
@@ -154,12 +154,10 @@ class _Run:
     """One generation's bookkeeping; also the logits processor that counts sampled tokens."""
 
     def __init__(self) -> None:
-        self.called = time.monotonic()
+        self.called, self.sampled, self.finish = time.monotonic(), 0, "stop"
         self.started: float | None = None
         self.first_token_at: float | None = None
         self.prompt_tokens: int | None = None
-        self.sampled = 0
-        self.finish = "stop"
 
     def __call__(self, input_ids: Any, logits: Any) -> Any:
         """Count one sampled token and leave the logits alone."""
@@ -204,19 +202,15 @@ class LocalProvider(Provider):
         """Return the one model this provider serves."""
         return [self.model_name]
 
-    def tokens_per_second(self) -> float | None:
-        """Return completion tokens per generation second over the last generations."""
-        with self._stats_lock:
-            tokens = sum(t for t, _ in self._recent)
-            seconds = sum(s for _, s in self._recent)
-        return round(tokens / seconds, 2) if seconds > 0 else None
-
     def check(self) -> dict[str, Any]:
-        """Describe availability, load and speed without generating."""
+        """Describe availability, load and speed (over the last generations) without generating."""
         ok, reason = available(self.model_path)
+        with self._stats_lock:
+            tokens, seconds = sum(t for t, _ in self._recent), sum(s for _, s in self._recent)
         return {"available": ok, "reason": reason, "model_path": self.model_path or default_model_path(),
                 "loaded": any(llm is not None for llm in self._llamas), "active": self._slots.active,
-                "queued": self._slots.queued, "tokens_per_second": self.tokens_per_second()}
+                "queued": self._slots.queued,
+                "tokens_per_second": round(tokens / seconds, 2) if seconds > 0 else None}
 
     def complete(self, request: ChatRequest, *, cancel: threading.Event | None = None,
                  deadline: float | None = None) -> Completion:
@@ -228,12 +222,16 @@ class LocalProvider(Provider):
         return Completion(text, self.model_name, run.finish, run.prompt_tokens or 0, run.completion_tokens)
 
     def stream(self, request: ChatRequest, *, cancel: threading.Event | None = None,
-               deadline: float | None = None) -> Iterator[StreamPiece]:
+               deadline: float | None = None) -> Generator[StreamPiece, None, None]:
         """Yield the reply token by token; the last piece carries finish_reason and usage."""
         # A generator: the queue wait and all checks happen on the thread that iterates it.
         run = _Run()
-        for text in self._generate(request, run, cancel, deadline):
-            yield StreamPiece(text)
+        pieces = self._generate(request, run, cancel, deadline)
+        try:
+            for text in pieces:
+                yield StreamPiece(text)
+        finally:  # a consumer that stops early frees the slot now, not at garbage collection
+            pieces.close()
         if run.finish == "timeout":
             raise TimeoutError(f"local generation passed its deadline after {run.completion_tokens} tokens")
         usage = {"prompt_tokens": run.prompt_tokens or 0, "completion_tokens": run.completion_tokens}
@@ -248,7 +246,7 @@ class LocalProvider(Provider):
             self._free_model(slot)
 
     def _generate(self, request: ChatRequest, run: _Run, cancel: threading.Event | None,
-                  deadline: float | None) -> Iterator[str]:
+                  deadline: float | None) -> Generator[str, None, None]:
         """Yield text pieces from a slot's model, stopping between tokens on cancel or deadline."""
         _refuse_event_loop()
         if deadline is not None and time.monotonic() >= deadline:

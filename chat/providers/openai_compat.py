@@ -5,6 +5,7 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import aiohttp
 import httpx2
 import openai
 
@@ -15,10 +16,26 @@ from .retry import async_retrying, remaining, sync_retrying
 logger = logging.getLogger(__name__)
 
 
+def _refused(exc: BaseException) -> bool:
+    """Tell whether an SDK timeout is really a refused or failed connection.
+
+    The aiohttp transport reports a refused connection as a connect timeout.
+    """
+    seen = 0
+    cause: BaseException | None = exc
+    while cause is not None and seen < 6:
+        if isinstance(cause, (ConnectionError, aiohttp.ClientConnectorError)):
+            return True
+        if "Connect call failed" in str(cause):
+            return True
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return False
+
+
 def is_transient(exc: BaseException) -> bool:
     """Tell whether a retry may help: connection errors, 429 and 5xx only."""
     if isinstance(exc, openai.APITimeoutError):
-        return False  # the deadline is spent; a retry cannot fit in it
+        return _refused(exc)  # a real timeout means the deadline is spent
     if isinstance(exc, openai.APIConnectionError):
         return True
     if isinstance(exc, openai.APIStatusError):
@@ -30,7 +47,7 @@ def wrap_error(name: str, exc: BaseException) -> ChatError:
     """Turn an SDK error into the API's error, naming the provider and the status."""
     if isinstance(exc, ChatError):
         return exc
-    if isinstance(exc, openai.APITimeoutError):
+    if isinstance(exc, openai.APITimeoutError) and not _refused(exc):
         return UpstreamTimeout(f"provider {name!r} timed out")
     if isinstance(exc, openai.APIConnectionError):
         return UpstreamError(f"provider {name!r} could not be reached: {exc}", kind="connection")
@@ -192,6 +209,12 @@ class OpenAICompatProvider(Provider):
         except Exception as exc:
             raise wrap_error(self.name, exc) from exc
 
+    async def aclose(self) -> None:
+        if self._async is not None:
+            await self._async.close()
+            self._async = None
+
     def close(self) -> None:
         if self._sync is not None:
             self._sync.close()
+            self._sync = None
