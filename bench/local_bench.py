@@ -1,6 +1,11 @@
 """Measure the local provider: tokens/s and time to first token at 1, 2 and 4 concurrent generations.
 
-    python -m bench.local_bench [--threads 2,1] [--max-concurrent 2] [--max-tokens 128] [--rounds 2]
+    python -m bench.local_bench [--configs 2x2,2x1,4x2] [--max-tokens 128] [--rounds 2]
+
+A config is N_THREADSxMAX_CONCURRENT: the provider's thread budget and its slots (one model
+each, n_threads // max_concurrent threads per model). 2x2 is the default provider, 2x1 one
+shared model whose generations queue, 4x2 two models with two threads each (oversubscribed
+on two cores).
 
 Run from the repository root. Writes bench/results/local.json. Needs requirements-local.txt.
 """
@@ -79,6 +84,7 @@ def run_level(provider: LocalProvider, concurrency: int, max_tokens: int, rounds
 def bench_config(threads: int, max_concurrent: int, max_tokens: int, rounds: int) -> dict[str, Any]:
     """Measure one provider configuration at 1, 2 and 4 concurrent generations."""
     provider = LocalProvider(n_threads=threads, max_concurrent=max_concurrent)
+    per_model = provider.threads_per_model
     try:
         began = time.monotonic()
         # Load every slot's model first so loading is not counted as generation time.
@@ -87,15 +93,14 @@ def bench_config(threads: int, max_concurrent: int, max_tokens: int, rounds: int
         levels = [run_level(provider, c, max_tokens, rounds) for c in (1, 2, 4)]
     finally:
         provider.close()
-    return {"n_threads": threads, "max_concurrent": max_concurrent, "warmup_s": round(warmup, 2),
-            "levels": levels}
+    return {"n_threads": threads, "max_concurrent": max_concurrent, "threads_per_model": per_model,
+            "warmup_s": round(warmup, 2), "levels": levels}
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark, print a table and write the JSON report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", default="2,1", help="n_threads values to compare, comma-separated")
-    parser.add_argument("--max-concurrent", type=int, default=2)
+    parser.add_argument("--configs", default="2x2,2x1,4x2", help="N_THREADSxMAX_CONCURRENT, comma-separated")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "local.json"))
@@ -107,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     import llama_cpp
 
     load_before = os.getloadavg()
-    configs = [bench_config(int(t), args.max_concurrent, args.max_tokens, args.rounds)
-               for t in args.threads.split(",")]
+    configs = []
+    for config in args.configs.split(","):
+        threads, slots = (int(part) for part in config.lower().split("x"))
+        configs.append(bench_config(threads, slots, args.max_tokens, args.rounds))
     report = {
         "model": LocalProvider().check()["model_path"],
         "llama_cpp_python": llama_cpp.__version__,
@@ -120,11 +127,12 @@ def main(argv: list[str] | None = None) -> int:
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "configs": configs,
     }
-    print(f"{'threads':>7} {'slots':>5} {'conc':>4} {'agg tok/s':>9} {'gen tok/s':>9} {'decode':>7} "
+    print(f"{'config':>6} {'thr/model':>9} {'conc':>4} {'agg tok/s':>9} {'gen tok/s':>9} {'decode':>7} "
           f"{'ttft med':>8} {'ttft max':>8}")
     for config in configs:
+        name = f"{config['n_threads']}x{config['max_concurrent']}"
         for level in config["levels"]:
-            print(f"{config['n_threads']:>7} {config['max_concurrent']:>5} {level['concurrency']:>4} "
+            print(f"{name:>6} {config['threads_per_model']:>9} {level['concurrency']:>4} "
                   f"{level['aggregate_tokens_per_second']:>9} {level['per_generation_tokens_per_second']:>9} "
                   f"{level['per_generation_decode_tokens_per_second']:>7} {level['ttft_median_s']:>8} "
                   f"{level['ttft_max_s']:>8}")

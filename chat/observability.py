@@ -31,6 +31,22 @@ class _RequestContext(logging.Filter):
         return True
 
 
+def _native_logging_locks(handler: logging.Handler) -> None:
+    """Give logging real OS locks when gevent patched threading before logging was set up.
+
+    The event-loop and pool threads log too; a gevent lock shared with them can stall
+    a native thread that contends for it.
+    """
+    from .dispatcher import _original, gevent_active
+
+    if not gevent_active():
+        return
+    rlock = _original("threading", "RLock")
+    if type(logging._lock).__module__.startswith("gevent"):  # type: ignore[attr-defined]
+        logging._lock = rlock()  # type: ignore[attr-defined]
+    handler.lock = rlock()
+
+
 def configure_logging(level: str) -> None:
     """Log one JSON object a line to stderr."""
     handler = logging.StreamHandler(sys.stderr)
@@ -39,6 +55,7 @@ def configure_logging(level: str) -> None:
         rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
         datefmt="%Y-%m-%dT%H:%M:%S%z"))
     handler.addFilter(_RequestContext())
+    _native_logging_locks(handler)
     root = logging.getLogger()
     for old in list(root.handlers):
         if getattr(old, "_chat_handler", False):

@@ -34,9 +34,9 @@ def ask(prompt: str, max_tokens: int | None = 24, temperature: float = 0.0) -> C
 
 @pytest.fixture(scope="module")
 def provider() -> Iterator[LocalProvider]:
-    """Share one provider (two slots) across the module: loading costs a fraction of a second."""
-    # One thread per model: on a busy two-core machine it beats two spinning threads.
-    local = LocalProvider(n_threads=1, max_concurrent=2)
+    """Share one provider (the defaults: two slots, one thread each) across the module."""
+    local = LocalProvider()
+    assert local.threads_per_model == 1
     yield local
     local.close()
 
@@ -297,7 +297,7 @@ from gevent.threadpool import ThreadPoolExecutor
 from chat.providers.base import ChatRequest
 from chat.providers.local import LocalProvider
 
-provider = LocalProvider(n_threads=1, max_concurrent=2)
+provider = LocalProvider()
 def ask(n):
     return ChatRequest(messages=({"role": "user", "content": "Write a long essay about the sea."},),
                        model="smollm2-135m", temperature=0.0, max_tokens=n)

@@ -154,7 +154,8 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
 def test_hanging_upstream_answers_504_at_the_deadline(make_app: Callable[..., Flask],
                                                       upstream: FakeUpstream,
                                                       provider: str, use_async: bool) -> None:
-    client = new_client(make_app(request_timeout=1))
+    app = make_app(request_timeout=1)
+    client = new_client(app)
     before = upstream.stats()["disconnected"]
     started = time.monotonic()
     response = chat(client, message=f"hang {key()} #hang", provider=provider, use_async=use_async)
@@ -166,6 +167,15 @@ def test_hanging_upstream_answers_504_at_the_deadline(make_app: Callable[..., Fl
     # The upstream call is abandoned, not left running: the upstream sees the client leave.
     assert wait_for(lambda: upstream.stats()["disconnected"] > before), \
         f"upstream still holds the {provider} {'async' if use_async else 'thread'} request"
+    # ... and nothing of it keeps running here: no loop task, no busy pool thread.
+    dispatcher = app.extensions["chat"].dispatcher
+
+    def idle() -> bool:
+        state = dispatcher.status()
+        return state["async_loop"]["pending_tasks"] == 0 and state["thread_pool"]["busy"] == 0
+
+    assert wait_for(idle, timeout=2.0), dispatcher.status()
+    assert dispatcher.inflight == 0
 
 
 # -- unreadable answers -------------------------------------------------------------------

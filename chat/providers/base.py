@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,3 +81,68 @@ class Provider(abc.ABC):
 
     def close(self) -> None:
         """Release clients and sessions."""
+
+
+class AsyncProvider(Provider):
+    """A provider written once, async; its sync methods run that code on a private loop.
+
+    Each native pool thread gets its own event loop (built like the dispatcher's loop,
+    safe under gevent), so the thread path and the loop path share one implementation
+    and one set of error mappings. Clients bound to a loop are kept per loop.
+    """
+
+    def __init__(self) -> None:
+        from ..dispatcher import _original
+
+        self._thread_loops: dict[int, asyncio.AbstractEventLoop] = {}
+        self._get_ident = _original("_thread", "get_ident")
+        self._loop_clients: dict[int, Any] = {}
+
+    def loop_client(self, factory: Callable[[], Any]) -> Any:
+        """Return this loop's client, building it on first use inside that loop."""
+        key = id(asyncio.get_running_loop())
+        client = self._loop_clients.get(key)
+        if client is None:
+            client = self._loop_clients[key] = factory()
+        return client
+
+    def _thread_loop(self) -> asyncio.AbstractEventLoop:
+        from ..dispatcher import NativeLoop
+
+        ident = self._get_ident()
+        loop = self._thread_loops.get(ident)
+        if loop is None or loop.is_closed():
+            loop = self._thread_loops[ident] = NativeLoop()
+        return loop
+
+    def complete(self, request: ChatRequest, *, deadline: float, cancel: Any = None) -> Completion:
+        return self._thread_loop().run_until_complete(self.acomplete(request, deadline=deadline))
+
+    def stream(self, request: ChatRequest, *, deadline: float, cancel: Any = None) -> Iterator[StreamPiece]:
+        from ..errors import UpstreamTimeout
+
+        loop = self._thread_loop()
+        pieces = self.astream(request, deadline=deadline).__aiter__()
+        try:
+            while cancel is None or not cancel.is_set():
+                left = max(deadline - time.monotonic(), 0.0)
+                try:
+                    yield loop.run_until_complete(asyncio.wait_for(pieces.__anext__(), left))
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    raise UpstreamTimeout(f"provider {self.name!r} timed out") from None
+        finally:
+            loop.run_until_complete(pieces.aclose())
+
+    async def aclose_clients(self) -> None:
+        """Close the clients of the running loop."""
+
+    def close(self) -> None:
+        for loop in list(self._thread_loops.values()):
+            if not loop.is_closed() and not loop.is_running():
+                try:
+                    loop.run_until_complete(self.aclose())
+                finally:
+                    loop.close()
+        self._thread_loops.clear()

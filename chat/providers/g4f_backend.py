@@ -1,11 +1,16 @@
-"""g4f (free providers): AsyncClient on the loop thread; private per-thread loops on pool threads."""
+"""g4f (free providers) through its AsyncClient, on the loop thread or a pool thread's own loop.
+
+g4f's sync Client makes a new event loop per call with the patched selector, which
+fails under gevent, so the thread path runs the same AsyncClient code on a private
+loop per pool thread (AsyncProvider).
+"""
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -14,10 +19,9 @@ import requests
 from g4f.client import AsyncClient
 from g4f.requests import aiohttp as g4f_aiohttp
 
-from ..dispatcher import NativeLoop, _original
 from ..errors import ChatError, UpstreamError, UpstreamTimeout
 from ..settings import SettingsError
-from .base import ChatRequest, Completion, Provider, StreamPiece
+from .base import AsyncProvider, ChatRequest, Completion, StreamPiece
 from .retry import async_retrying, remaining
 
 logger = logging.getLogger(__name__)
@@ -72,7 +76,7 @@ def wrap_error(name: str, exc: BaseException) -> ChatError:
     return UpstreamError(f"provider {name!r} failed: {type(exc).__name__}: {exc}", kind="error")
 
 
-class G4FProvider(Provider):
+class G4FProvider(AsyncProvider):
     """Answer through g4f, either letting it pick a free provider or pinned to one."""
 
     name = "g4f"
@@ -81,6 +85,7 @@ class G4FProvider(Provider):
                  models: list[str] | None = None, default_model: str = "gpt-4o-mini",
                  max_connections: int = 1000, retry_attempts: int = 3,
                  retry_backoff: float = 0.25) -> None:
+        super().__init__()
         self._models = models or ([default_model] + [m for m in DEFAULT_MODELS
                                                      if m != default_model])
         self._pinned = provider_name or ("custom" if base_url else "auto")
@@ -99,9 +104,6 @@ class G4FProvider(Provider):
                 raise SettingsError(f"G4F_PROVIDER={provider_name!r}: no such g4f provider")
         self._max_connections = max_connections
         self._retry = {"attempts": retry_attempts, "backoff": retry_backoff}
-        self._clients: dict[int, AsyncClient] = {}
-        self._thread_loops: dict[int, asyncio.AbstractEventLoop] = {}
-        self._get_ident = _original("_thread", "get_ident")
 
     def models(self) -> list[str]:
         return list(self._models)
@@ -110,19 +112,16 @@ class G4FProvider(Provider):
         return {"name": self.name, "g4f_provider": self._pinned, "models": len(self._models)}
 
     def _client(self) -> AsyncClient:
+        return self.loop_client(self._new_client)
+
+    def _new_client(self) -> AsyncClient:
         # g4f caps each loop's shared aiohttp connector at 20 connections per host, which
         # would cap a loop thread at 20 concurrent chats; give each loop a connector sized
-        # to our own in-flight bound instead (see tests/test_g4f_provider.py).
-        loop = asyncio.get_running_loop()
-        key = id(loop)
-        client = self._clients.get(key)
-        if client is None:
-            g4f_aiohttp._loop_connectors[loop] = aiohttp.TCPConnector(
-                limit=self._max_connections, limit_per_host=self._max_connections,
-                keepalive_timeout=30, ttl_dns_cache=300)
-            client = AsyncClient(provider=self._provider)
-            self._clients[key] = client
-        return client
+        # to our own in-flight bound instead (tests/test_gevent_dispatch.py measures it).
+        g4f_aiohttp._loop_connectors[asyncio.get_running_loop()] = aiohttp.TCPConnector(
+            limit=self._max_connections, limit_per_host=self._max_connections,
+            keepalive_timeout=30, ttl_dns_cache=300)
+        return AsyncClient(provider=self._provider)
 
     def _kwargs(self, request: ChatRequest, deadline: float) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"model": request.model, "messages": list(request.messages),
@@ -171,43 +170,9 @@ class G4FProvider(Provider):
         except Exception as exc:
             raise wrap_error(self.name, exc) from exc
 
-    # The thread path runs the same async code on a private loop per pool thread, built
-    # on the original selector: g4f's sync Client makes its own loop per call with the
-    # patched selector, which fails under gevent.
-    def _thread_loop(self) -> asyncio.AbstractEventLoop:
-        ident = self._get_ident()
-        loop = self._thread_loops.get(ident)
-        if loop is None:
-            loop = NativeLoop()
-            self._thread_loops[ident] = loop
-        return loop
-
-    def complete(self, request: ChatRequest, *, deadline: float, cancel: Any = None) -> Completion:
-        return self._thread_loop().run_until_complete(self.acomplete(request, deadline=deadline))
-
-    def stream(self, request: ChatRequest, *, deadline: float,
-               cancel: Any = None) -> Iterator[StreamPiece]:
-        loop = self._thread_loop()
-        agen = self.astream(request, deadline=deadline).__aiter__()
-        try:
-            while not (cancel is not None and cancel.is_set()):
-                try:
-                    yield loop.run_until_complete(
-                        asyncio.wait_for(agen.__anext__(), max(remaining(deadline), 0.01)))
-                except StopAsyncIteration:
-                    return
-        finally:
-            loop.run_until_complete(agen.aclose())
-
     async def aclose(self) -> None:
-        connector = g4f_aiohttp._loop_connectors.pop(asyncio.get_running_loop(), None)
+        loop = asyncio.get_running_loop()
+        self._loop_clients.pop(id(loop), None)
+        connector = g4f_aiohttp._loop_connectors.pop(loop, None)
         if connector is not None:
             await connector.close()
-        self._clients.pop(id(asyncio.get_running_loop()), None)
-
-    def close(self) -> None:
-        for loop in list(self._thread_loops.values()):
-            connector = g4f_aiohttp._loop_connectors.pop(loop, None)
-            if connector is not None and not loop.is_closed() and not loop.is_running():
-                loop.run_until_complete(connector.close())
-        self._thread_loops.clear()

@@ -175,7 +175,13 @@ class _Run:
 
 
 class LocalProvider(Provider):
-    """Run a small GGUF chat model on the CPU, a bounded number of generations at once."""
+    """Run a small GGUF chat model on the CPU, a bounded number of generations at once.
+
+    n_threads is the provider's CPU budget, split across its max_concurrent slots: each slot's
+    model gets n_threads // max_concurrent threads (at least one), so busy slots never ask for
+    more threads than the budget. llama.cpp threads spin at every barrier, and oversubscribed
+    ones lose most of their speed (measured: bench/local_bench.py).
+    """
 
     name = "local"
     supports_async = False
@@ -187,6 +193,7 @@ class LocalProvider(Provider):
             raise ValueError("max_concurrent and n_threads must be >= 1, max_queue >= 0")
         self.model_path, self.n_threads, self.n_ctx = model_path, n_threads, n_ctx
         self.max_concurrent, self.model_name = max_concurrent, model_name
+        self.threads_per_model = max(1, n_threads // max_concurrent)
         self._slots = _FairSlots(max_concurrent, max_queue)
         # One Llama per slot: a Llama holds one KV cache, so it runs one generation at a time.
         self._llamas: list[Any] = [None] * max_concurrent
@@ -319,9 +326,11 @@ class LocalProvider(Provider):
         from llama_cpp import Llama  # heavy: imported only when a generation needs it
 
         path, began = self.model_path or default_model_path(), time.monotonic()
-        llm = Llama(model_path=path, n_ctx=self.n_ctx, n_threads=self.n_threads,
-                    n_threads_batch=self.n_threads, verbose=False)
-        logger.info("local model loaded from %s in %.2fs", path, time.monotonic() - began)
+        threads = self.threads_per_model
+        llm = Llama(model_path=path, n_ctx=self.n_ctx, n_threads=threads, n_threads_batch=threads,
+                    verbose=False)
+        logger.info("local model loaded from %s in %.2fs, %d thread(s)", path, time.monotonic() - began,
+                    threads)
         return llm
 
     def _free_model(self, slot: int) -> None:

@@ -1,8 +1,9 @@
 """Any OpenAI-compatible API (OpenAI, Ollama, Groq, Mistral, LocalAI, vLLM) through the openai SDK."""
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -10,8 +11,8 @@ import httpx2
 import openai
 
 from ..errors import ChatError, UpstreamError, UpstreamTimeout
-from .base import ChatRequest, Completion, Provider, StreamPiece
-from .retry import async_retrying, remaining, sync_retrying
+from .base import AsyncProvider, ChatRequest, Completion, StreamPiece
+from .retry import async_retrying, remaining
 
 logger = logging.getLogger(__name__)
 
@@ -103,22 +104,23 @@ def chunk_piece(chunk: Any) -> StreamPiece | None:
     return StreamPiece(text=text, finish_reason=finish)
 
 
-class OpenAICompatProvider(Provider):
-    """Call an OpenAI-compatible endpoint; async client on the loop thread, sync on pool threads."""
+class OpenAICompatProvider(AsyncProvider):
+    """Call an OpenAI-compatible endpoint with the SDK's async client, on any loop."""
 
     name = "openai"
 
     def __init__(self, *, base_url: str, api_key: str, models: list[str], default_model: str,
                  max_connections: int = 1000, retry_attempts: int = 3,
                  retry_backoff: float = 0.25) -> None:
+        super().__init__()
         self.base_url = base_url or None
         self.api_key = api_key or "not-needed"
         self._models = models or [default_model]
         self._limits = httpx2.Limits(max_connections=max_connections,
                                      max_keepalive_connections=min(max_connections, 200))
         self._retry = {"attempts": retry_attempts, "backoff": retry_backoff}
-        self._sync: openai.OpenAI | None = None
         from openai._base_client import get_platform
+
 
         self._platform = get_platform()
         self._async: openai.AsyncOpenAI | None = None
@@ -130,25 +132,19 @@ class OpenAICompatProvider(Provider):
         return {"name": self.name, "base_url": self.base_url or "https://api.openai.com/v1",
                 "models": len(self._models), "api_key_set": self.api_key != "not-needed"}
 
-    def _sync_client(self) -> openai.OpenAI:
-        if self._sync is None:
-            self._sync = openai.OpenAI(base_url=self.base_url, api_key=self.api_key, max_retries=0,
-                                       http_client=openai.DefaultHttpxClient(limits=self._limits))
-        return self._sync
-
     def _async_client(self) -> openai.AsyncOpenAI:
-        # Built on first use inside the loop thread so its connections belong to that loop.
+        return self.loop_client(self._new_client)
+
+    def _new_client(self) -> openai.AsyncOpenAI:
         # The aiohttp transport: httpx's own pool slows down sharply past ~100 concurrent
         # requests on one loop (measured: 200 chats to a 1 s upstream took 4.3 s).
-        if self._async is None:
-            client = openai.AsyncOpenAI(
-                base_url=self.base_url, api_key=self.api_key, max_retries=0,
-                http_client=openai.DefaultAioHttpClient(limits=self._limits))
-            # The SDK would look up platform details on first use through asyncio.to_thread,
-            # once per concurrent first request; they are looked up once, up front, instead.
-            client._platform = self._platform
-            self._async = client
-        return self._async
+        client = openai.AsyncOpenAI(
+            base_url=self.base_url, api_key=self.api_key, max_retries=0,
+            http_client=openai.DefaultAioHttpClient(limits=self._limits))
+        # The SDK would look up platform details on first use through asyncio.to_thread,
+        # once per concurrent first request; they are looked up once, up front, instead.
+        client._platform = self._platform
+        return client
 
     async def acomplete(self, request: ChatRequest, *, deadline: float) -> Completion:
         client = self._async_client()
@@ -158,18 +154,6 @@ class OpenAICompatProvider(Provider):
                 with attempt:
                     response = await client.chat.completions.create(
                         **_params(request), timeout=remaining(deadline))
-        except Exception as exc:
-            raise wrap_error(self.name, exc) from exc
-        return to_completion(self.name, response, request.model)
-
-    def complete(self, request: ChatRequest, *, deadline: float, cancel: Any = None) -> Completion:
-        client = self._sync_client()
-        try:
-            for attempt in sync_retrying(self.name, deadline=deadline, is_transient=is_transient,
-                                         **self._retry):
-                with attempt:
-                    response = client.chat.completions.create(**_params(request),
-                                                              timeout=remaining(deadline))
         except Exception as exc:
             raise wrap_error(self.name, exc) from exc
         return to_completion(self.name, response, request.model)
@@ -190,31 +174,7 @@ class OpenAICompatProvider(Provider):
         except Exception as exc:
             raise wrap_error(self.name, exc) from exc
 
-    def stream(self, request: ChatRequest, *, deadline: float,
-               cancel: Any = None) -> Iterator[StreamPiece]:
-        client = self._sync_client()
-        try:
-            for attempt in sync_retrying(self.name, deadline=deadline, is_transient=is_transient,
-                                         **self._retry):
-                with attempt:
-                    stream = client.chat.completions.create(**_params(request), stream=True,
-                                                            timeout=remaining(deadline))
-            with stream:
-                for chunk in stream:
-                    if cancel is not None and cancel.is_set():
-                        return
-                    piece = chunk_piece(chunk)
-                    if piece is not None:
-                        yield piece
-        except Exception as exc:
-            raise wrap_error(self.name, exc) from exc
-
     async def aclose(self) -> None:
-        if self._async is not None:
-            await self._async.close()
-            self._async = None
-
-    def close(self) -> None:
-        if self._sync is not None:
-            self._sync.close()
-            self._sync = None
+        client = self._loop_clients.pop(id(asyncio.get_running_loop()), None)
+        if client is not None:
+            await client.close()
