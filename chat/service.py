@@ -12,7 +12,7 @@ from typing import Any
 from . import metrics
 from .cache import ResponseCache, cache_key
 from .dispatcher import ASYNC, CACHE, Dispatcher
-from .errors import ChatError, Overloaded, UpstreamError, ValidationFailed
+from .errors import ChatError, Overloaded, UpstreamError, UpstreamTimeout, ValidationFailed
 from .providers import ProviderRegistry
 from .providers.base import ChatRequest, Completion, StreamPiece
 from .store import Reply, Store, title_from
@@ -91,7 +91,8 @@ class ChatService:
         provider_name = provider or self.default_provider
         if provider_name not in self.providers.names():
             self.providers.check_choice(provider_name, model or "")  # 422 naming the provider, not a KeyError
-        model_name = model or (self.default_model if provider_name == self.default_provider
+        served = self.providers.models(provider_name)
+        model_name = model or (self.default_model if self.default_model in served
                                else self.providers.default_model(provider_name))
         self.providers.check_choice(provider_name, model_name)
         if messages is not None:
@@ -176,8 +177,7 @@ class ChatService:
             _count_error(exc)
             raise
         except Exception as exc:  # a provider bug must still answer in the API's shape
-            logger.exception("provider %r raised an unexpected error", ex.provider)
-            error = UpstreamError(f"provider {ex.provider!r} failed: {type(exc).__name__}")
+            error = _unexpected(ex.provider, exc)
             _count_error(error)
             raise error from exc
         finally:
@@ -256,8 +256,7 @@ class ChatService:
                 self._store_stream(ex, pieces, finish)
                 raise
             except Exception as exc:
-                logger.exception("provider %r stream failed", ex.provider)
-                error = UpstreamError(f"provider {ex.provider!r} failed: {type(exc).__name__}")
+                error = _unexpected(ex.provider, exc)
                 _count_error(error)
                 if pieces:
                     self._store_stream(ex, pieces, "error")
@@ -310,6 +309,14 @@ def _from_cache(value: dict[str, Any]) -> Completion:
                       finish_reason=value.get("finish_reason", "stop"),
                       prompt_tokens=value.get("prompt_tokens"),
                       completion_tokens=value.get("completion_tokens"))
+
+
+def _unexpected(provider: str, exc: BaseException) -> UpstreamError:
+    """Wrap an exception a provider let through: a timeout stays a timeout."""
+    if isinstance(exc, TimeoutError):
+        return UpstreamTimeout(f"provider {provider!r} did not finish before the deadline")
+    logger.error("provider %r raised an unexpected error", provider, exc_info=exc)
+    return UpstreamError(f"provider {provider!r} failed: {type(exc).__name__}")
 
 
 def _count_error(exc: ChatError) -> None:

@@ -96,3 +96,12 @@ def new_client(app: Flask, client_id: str | None = None) -> FlaskClient:
 @pytest.fixture
 def client(app: Flask) -> FlaskClient:
     return new_client(app)
+
+
+@pytest.fixture(scope="module")
+def live_server(database_url: str, upstream: FakeUpstream) -> Iterator[Any]:
+    """Run real gunicorn (one gevent worker) against the test database and fake upstream."""
+    from servers import Gunicorn
+
+    with Gunicorn(database_url=database_url, upstream_url=upstream.url) as server:
+        yield server
