@@ -22,7 +22,7 @@ say() { printf '\033[1m==> %s\033[0m\n' "$*"; }
 find_python() {
     for candidate in python3.12 python3.11 python3.13 python3; do
         if command -v "$candidate" >/dev/null 2>&1 &&
-            "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)'; then
+            "$candidate" -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' 2>/dev/null; then
             echo "$candidate"
             return
         fi

@@ -11,7 +11,7 @@ from typing import Any
 
 from . import metrics
 from .cache import ResponseCache, cache_key
-from .dispatcher import ASYNC, CACHE, Dispatcher
+from .dispatcher import ASYNC, CACHE, Dispatcher, native_lock
 from .errors import ChatError, Overloaded, UpstreamError, UpstreamTimeout, ValidationFailed
 from .providers import ProviderRegistry
 from .providers.base import ChatRequest, Completion, StreamPiece
@@ -80,6 +80,29 @@ class ChatService:
         self.history_limit = history_limit
         self.default_provider = default_provider
         self.default_model = default_model
+        self._figures_lock = native_lock()
+        self._local_tokens_reported = 0
+
+    def record_local_figures(self) -> None:
+        """Move the local model's newly generated tokens and its last speed into the metrics.
+
+        Runs on the request's greenlet (after each local generation) and before metrics are
+        read, never on the pool thread that generated: prometheus_client's locks are gevent's
+        there. A generation that ends after its request left is counted at the next call.
+        """
+        if "local" not in self.providers.names():
+            return
+        provider = self.providers.get("local")
+        total = getattr(provider, "tokens_total", None)
+        if total is None:
+            return
+        with self._figures_lock:
+            new, self._local_tokens_reported = total - self._local_tokens_reported, total
+        if new > 0:
+            metrics.LOCAL_TOKENS.inc(new)
+        rate = getattr(provider, "last_tokens_per_second", None)
+        if rate:
+            metrics.LOCAL_TOKENS_PER_SECOND.set(rate)
 
     # -- building an exchange -------------------------------------------------
     def prepare(self, owner: str, *, message: str | None, messages: list[dict[str, str]] | None,
@@ -182,6 +205,8 @@ class ChatService:
             raise error from exc
         finally:
             metrics.INFLIGHT.dec()
+            if ex.provider == "local":
+                self.record_local_figures()
         metrics.UPSTREAM_LATENCY.labels(provider=ex.provider).observe(time.monotonic() - started)
         value = {"text": completion.text, "model": completion.model,
                  "finish_reason": completion.finish_reason,
@@ -266,6 +291,8 @@ class ChatService:
                 raise
             finally:
                 metrics.INFLIGHT.dec()
+                if ex.provider == "local":
+                    self.record_local_figures()
         text = "".join(pieces)
         if finish in ("stop", "length"):
             self.cache.set(key, {"text": text, "model": ex.model, "finish_reason": finish})

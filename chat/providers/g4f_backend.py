@@ -52,7 +52,18 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def wrap_error(name: str, exc: BaseException) -> ChatError:
-    """Turn a g4f, aiohttp or requests error into the API's error."""
+    """Turn a g4f, aiohttp or requests error into the API's error, with a short message."""
+    error = _wrap(name, exc)
+    error.message = _short(error.message)
+    return error
+
+
+def _short(text: str, limit: int = 240) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _wrap(name: str, exc: BaseException) -> ChatError:
     if isinstance(exc, ChatError):
         return exc
     if isinstance(exc, (asyncio.TimeoutError, g4f.errors.TimeoutError)):
