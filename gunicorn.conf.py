@@ -75,6 +75,16 @@ def when_ready(server) -> None:  # type: ignore[no-untyped-def]
     server.log.info("chat backend listening on %s with %d gevent workers", bind, workers)
 
 
+def post_worker_init(worker) -> None:  # type: ignore[no-untyped-def]
+    """Move start-up objects out of the garbage collector's way."""
+    import gc
+
+    # Everything built at start-up lives as long as the worker; freezing it keeps full
+    # collections (100+ ms pauses of every greenlet) from scanning it again and again.
+    gc.collect()
+    gc.freeze()
+
+
 def worker_exit(server, worker) -> None:  # type: ignore[no-untyped-def]
     """Close the worker's loop thread, pool and database pool."""
     app = getattr(worker, "wsgi", None)

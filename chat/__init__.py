@@ -18,7 +18,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     from werkzeug.middleware.proxy_fix import ProxyFix
 
     from . import auth, handlers, limits, observability
-    from .api import admin, chat, conversations, health, metrics_view, openai_api
+    from .api import admin, chat, conversations, docs, health, metrics_view, openai_api
     from .services import build_services
     from .settings import Settings
 
@@ -40,7 +40,7 @@ def create_app(overrides: dict[str, Any] | None = None) -> Flask:
     CORS(app, origins=settings.cors_origins, expose_headers=[
         "X-Request-ID", "X-Process-Time", "Retry-After", "X-RateLimit-Limit",
         "X-RateLimit-Remaining", "X-RateLimit-Reset"])
-    for module in (chat, conversations, health, metrics_view, admin, openai_api):
+    for module in (chat, conversations, health, metrics_view, admin, openai_api, docs):
         app.register_blueprint(module.bp)
     try:
         from . import web

@@ -442,5 +442,6 @@ class Dispatcher:
             },
             "inflight": self._inflight,
             "max_inflight": self.max_inflight,
+            "closed": self._closed,
             "gevent": gevent_active(),
         }

@@ -72,6 +72,8 @@ def summary() -> dict[str, Any]:
         return result
 
     hits, misses = total("chat_cache_hits_total"), total("chat_cache_misses_total")
+    local_tokens = int(total("chat_local_tokens_total"))
+    local_rates = [v for _, v in samples.get("chat_local_tokens_per_second", []) if v > 0]
     return {
         "requests": {"total": int(total("chat_http_requests_total")),
                      "by_endpoint_status": by("chat_http_requests_total", "endpoint", "status")},
@@ -94,4 +96,6 @@ def summary() -> dict[str, Any]:
         "event_loop": {"pending_tasks": int(total("chat_eventloop_pending"))},
         "database": {"pool_size": int(total("chat_db_pool_size")),
                      "waiting": int(total("chat_db_pool_waiting"))},
+        "local": {"tokens": local_tokens,
+                  "tokens_per_second": round(max(local_rates), 2) if local_rates else None},
     }

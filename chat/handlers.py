@@ -42,6 +42,23 @@ def error_response(status: int, code: str, message: str, *,
     response.status_code = status
     if retry_after is not None:
         response.headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
+        g.retry_after = response.headers["Retry-After"]
+    return response
+
+
+def _own_retry_after(response: Response) -> Response:
+    """Keep Retry-After meaning what this server says: an error's own hint, or the 429's window.
+
+    Flask-Limiter sets Retry-After on every response of a limited endpoint (seconds until
+    its window resets) and raises any smaller value to it, which told a shed client
+    (503 overloaded, Retry-After 1) to wait a minute. This hook is registered before the
+    limiter's, so it runs after it.
+    """
+    own = g.get("retry_after")
+    if own is not None:
+        response.headers["Retry-After"] = own
+    elif response.status_code != 429:
+        response.headers.pop("Retry-After", None)
     return response
 
 
@@ -81,3 +98,4 @@ def init_app(app: Flask) -> None:
     app.register_error_handler(RateLimitExceeded, _rate_limited)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected)
+    app.after_request(_own_retry_after)

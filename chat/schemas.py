@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import (AliasChoices, BaseModel, ConfigDict, Field, ValidationError,
@@ -16,7 +17,7 @@ class Turn(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str = Field(..., json_schema_extra={"maxLength": 8000})
 
     @field_validator("content")
     @classmethod
@@ -30,12 +31,17 @@ class Turn(BaseModel):
 class ChatBody(BaseModel):
     """The body of POST /api/chat."""
 
+    # The extra keywords document what the validators below check (limits at their defaults,
+    # MAX_MESSAGE_CHARS and MAX_MESSAGES); they do not change validation.
     model_config = ConfigDict(extra="ignore", json_schema_extra={
+        "oneOf": [{"required": ["message"]}, {"required": ["messages"]}],
         "examples": [{"message": "Hello!"},
                      {"messages": [{"role": "user", "content": "Hi"}], "stream": True}]})
 
-    message: str | None = Field(None, description="the new user turn")
-    messages: list[Turn] | None = Field(None, description="a client-held transcript, last turn from the user")
+    message: str | None = Field(None, description="the new user turn; send it or `messages`",
+                                json_schema_extra={"minLength": 1, "maxLength": 8000, "pattern": r"\S"})
+    messages: list[Turn] | None = Field(None, description="a client-held transcript, last turn from the user",
+                                        json_schema_extra={"minItems": 1, "maxItems": 50})
     conversation_id: uuid.UUID | None = None
     system_prompt: str | None = None
     model: str | None = None
@@ -139,6 +145,44 @@ class ChatReply(BaseModel):
     finish_reason: str | None = None
 
 
+class Conversation(BaseModel):
+    """A stored conversation (API.md's conv object)."""
+
+    id: uuid.UUID
+    title: str
+    model: str | None
+    system_prompt: str | None
+    created_at: datetime
+    updated_at: datetime
+    message_count: int = Field(..., ge=0)
+
+
+class Message(BaseModel):
+    """A stored message (API.md's msg object)."""
+
+    id: uuid.UUID
+    role: Literal["system", "user", "assistant"]
+    content: str
+    created_at: datetime
+    model: str | None
+    cached: bool
+    finish_reason: str | None
+
+
+class ConversationList(BaseModel):
+    """The answer of GET /api/conversations."""
+
+    conversations: list[Conversation]
+    next_cursor: str | None
+
+
+class ConversationWithMessages(Conversation):
+    """The answer of GET /api/conversations/<id>: the conversation and a page of messages."""
+
+    messages: list[Message]
+    next_cursor: str | None
+
+
 class ErrorBody(BaseModel):
     code: str
     message: str
@@ -159,7 +203,7 @@ def validate(model: type[BaseModel], data: Any, **context: Any) -> Any:
         raise ValidationFailed("the body must be a JSON object",
                                details=[{"field": "body", "message": "expected an object"}])
     try:
-        return model.model_validate(data, context=context)
+        result = model.model_validate(data, context=context)
     except ValidationError as exc:
         details = []
         for err in exc.errors(include_url=False, include_input=False):
@@ -168,3 +212,29 @@ def validate(model: type[BaseModel], data: Any, **context: Any) -> Any:
             details.append({"field": field, "message": message})
         summary = "; ".join(f"{d['field']}: {d['message']}" for d in details)
         raise ValidationFailed(f"invalid request: {summary}", details=details) from None
+    details = [{"field": field, "message": "must not contain NUL characters or lone surrogates"}
+               for field in _unstorable_text(result.model_dump(), "")]
+    if details:
+        raise ValidationFailed(f"invalid request: {details[0]['field']}: {details[0]['message']}",
+                               details=details)
+    return result
+
+
+def _unstorable_text(value: Any, path: str) -> list[str]:
+    """Name the strings PostgreSQL cannot store (NUL) or UTF-8 cannot encode (lone surrogates)."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            return [path or "body"]
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return [path or "body"]
+        return []
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        return []
+    return [bad for key, item in items
+            for bad in _unstorable_text(item, f"{path}.{key}" if path else str(key))]

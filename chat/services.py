@@ -50,11 +50,19 @@ class Services:
 
 def build_services(settings: Settings) -> Services:
     """Create every service from settings; open the database and migrate it."""
-    url, embedded = database_url(settings.database_url, settings.data_dir)
+    # Providers first: a default provider that cannot run (LLM_PROVIDER=local without the
+    # model) stops the start with a SettingsError before a database or a thread is opened.
+    providers = build_registry(settings)
+    try:
+        url, embedded = database_url(settings.database_url, settings.data_dir)
+    except Exception:
+        providers.close()
+        raise
     store = Store(url, min_size=settings.db_pool_min, max_size=settings.db_pool_max)
     try:
         store.open()
     except Exception:
+        providers.close()
         if embedded is not None:
             embedded.stop()
         raise
@@ -65,7 +73,6 @@ def build_services(settings: Settings) -> Services:
                             max_inflight=settings.max_inflight,
                             loop_max_tasks=settings.loop_max_tasks)
     dispatcher.start()
-    providers = build_registry(settings)
     chat = ChatService(store=store, cache=cache, dispatcher=dispatcher, providers=providers,
                        request_timeout=settings.request_timeout,
                        history_limit=settings.max_messages,

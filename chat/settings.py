@@ -34,6 +34,9 @@ class Settings(BaseModel):
     g4f_provider: str = ""
     g4f_base_url: str = ""
     local_model_path: str = ""
+    local_threads: int = Field(2, ge=1, le=256)
+    local_max_concurrent: int = Field(2, ge=1, le=64)
+    local_max_queue: int = Field(16, ge=0, le=10000)
     request_timeout: float = Field(30.0, gt=0, le=3600)
     max_inflight: int = Field(1000, ge=1)
     thread_pool_size: int = Field(32, ge=1, le=1024)

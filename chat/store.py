@@ -97,12 +97,13 @@ class Store:
         self.pool.close()
 
     @contextmanager
-    def _conn(self) -> Iterator[psycopg.Connection[Any]]:
+    def _conn(self, timeout: float | None = None) -> Iterator[psycopg.Connection[Any]]:
         try:
-            with self.pool.connection() as conn:
+            with self.pool.connection(timeout=timeout) as conn:
                 yield conn
         except PoolTimeout as exc:
-            raise StorageUnavailable(f"no database connection within {self.pool.timeout:.0f} s") from exc
+            waited = self.pool.timeout if timeout is None else timeout
+            raise StorageUnavailable(f"no database connection within {waited:.1f} s") from exc
         except psycopg.OperationalError as exc:
             raise StorageUnavailable(f"the database cannot be reached: {exc}".split("\n")[0]) from exc
 
@@ -127,9 +128,9 @@ class Store:
             logger.info("applied migrations: %s", ", ".join(applied))
         return applied
 
-    def ping(self) -> dict[str, Any]:
-        """Run a trivial query; report pool figures."""
-        with self._conn() as conn:
+    def ping(self, timeout: float = 1.0) -> dict[str, Any]:
+        """Run a trivial query, waiting at most timeout for a connection; report pool figures."""
+        with self._conn(timeout) as conn:
             conn.execute("SELECT 1")
         stats = self.pool.get_stats()
         return {"pool_size": stats.get("pool_size", 0), "pool_available": stats.get("pool_available", 0),

@@ -146,6 +146,8 @@ def test_timeouts_and_rate_limits_are_counted(make_app: Callable[..., Flask],
     assert chat(client, message=f"ok {uuid.uuid4()}").status_code == 200
     limited = chat(client, message=f"too many {uuid.uuid4()}")
     assert limited.status_code == 429
+    assert 1 <= int(limited.headers["Retry-After"]) <= 60
+    assert limited.headers["X-RateLimit-Limit"] == "2"
     after = figures(client)
     errors_before, errors_after = before["upstream"]["errors"], after["upstream"]["errors"]
     assert errors_after.get("timeout", 0) - errors_before.get("timeout", 0) == 1

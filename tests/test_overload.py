@@ -67,20 +67,22 @@ def test_past_max_inflight_a_chat_is_shed_at_once(make_app: Callable[..., Flask]
     took = time.monotonic() - started
     assert_error(response, 503, "overloaded")
     assert took < 0.5, took
-    assert int(response.headers["Retry-After"]) >= 1
+    # A short, honest hint: the shed is momentary. (The per-client rate-limit window, a
+    # minute long, has nothing to do with it and must not stretch it.)
+    assert 1 <= int(response.headers["Retry-After"]) <= 5, response.headers["Retry-After"]
 
     # Streaming callers are shed the same way, as a plain JSON error before any event.
     streamed = caller.post("/api/chat", json={"message": f"stream one more {uuid.uuid4()}",
                                               "stream": True, "use_async": use_async})
     assert_error(streamed, 503, "overloaded")
-    assert "Retry-After" in streamed.headers
+    assert 1 <= int(streamed.headers["Retry-After"]) <= 5
 
     # OpenAI clients get OpenAI's error shape with the same status.
     openai_style = caller.post("/v1/chat/completions", json={
         "model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"v1 {uuid.uuid4()}"}]})
     assert openai_style.status_code == 503
     assert openai_style.get_json()["error"]["message"]
-    assert "Retry-After" in openai_style.headers
+    assert 1 <= int(openai_style.headers["Retry-After"]) <= 5
 
     assert dispatcher.inflight == 2, "the held chats ended before the shedding was checked"
     assert load_shed(observer) - shed_before == 3

@@ -1,8 +1,9 @@
 """POST /api/chat: one chat turn, answered as JSON or as server-sent events."""
 from __future__ import annotations
 
+import itertools
 import json
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, stream_with_context
@@ -31,8 +32,8 @@ def chat() -> Response:
         use_cache=body.cache)
     if body.stream:
         events = svc.chat.stream(exchange, heartbeat=settings.stream_heartbeat)
-        first = next(events)  # raises load shedding as a plain HTTP error, before streaming
-        return sse_response(_chat_events(first, events))
+        head = open_stream(events)  # load shedding and early failures answer plain HTTP errors
+        return sse_response(_chat_events(head, events))
     answer = svc.chat.answer(exchange)
     g.processing_method = answer.processing_method
     return jsonify({
@@ -44,10 +45,24 @@ def chat() -> Response:
     })
 
 
-def _chat_events(first: dict[str, Any], events: Iterator[dict[str, Any]]) -> Iterator[str]:
-    yield sse(first)
+def open_stream(events: Generator[dict[str, Any], None, None]) -> list[dict[str, Any]]:
+    """Pull the start event and the one after it (a piece, a heartbeat or done).
+
+    A provider that fails before its first piece (or load shedding) then raises here,
+    in the view, and answers a plain JSON error with its status instead of a 200 stream.
+    """
+    head = [next(events)]
     try:
-        for event in events:
+        head.append(next(events))
+    except StopIteration:
+        pass
+    return head
+
+
+def _chat_events(head: list[dict[str, Any]],
+                 events: Generator[dict[str, Any], None, None]) -> Iterator[str]:
+    try:
+        for event in itertools.chain(head, events):
             if event.get("heartbeat"):
                 yield ": keep-alive\n\n"
             else:

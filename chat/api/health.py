@@ -70,6 +70,8 @@ def live() -> Response:
 def ready() -> tuple[Response, int]:
     """Say whether this worker can serve chats: database reachable, loop or pool serving."""
     database = _database()
-    ok = database["status"] == "up" and not services().dispatcher.status().get("closed", False)
+    state = services().dispatcher.status()
+    serving = state["async_loop"]["alive"] or state["thread_pool"]["size"] > 0
+    ok = database["status"] == "up" and serving and not state["closed"]
     return jsonify({"status": "ready" if ok else "not_ready", "database": database["status"]}), \
         (200 if ok else 503)

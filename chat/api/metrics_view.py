@@ -22,6 +22,7 @@ def _refresh_gauges() -> None:
     stats = svc.store.pool.get_stats()
     metrics.DB_POOL_SIZE.set(stats.get("pool_size", 0))
     metrics.DB_POOL_WAITING.set(stats.get("requests_waiting", 0))
+    svc.chat.record_local_figures()
 
 
 @bp.get("/api/metrics")

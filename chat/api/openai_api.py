@@ -1,10 +1,11 @@
 """The OpenAI-compatible API: POST /v1/chat/completions and GET /v1/models."""
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 from flask import Blueprint, Response, g, jsonify, request
@@ -14,7 +15,7 @@ from ..auth import owner
 from ..errors import ChatError, ConversationNotFound, ValidationFailed
 from ..schemas import validate
 from ..service import Exchange
-from .chat import sse_response
+from .chat import open_stream, sse_response
 from .common import json_body, services
 
 bp = Blueprint("openai", __name__, url_prefix="/v1")
@@ -25,7 +26,7 @@ class OpenAIMessage(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    role: str
+    role: str = Field(..., json_schema_extra={"enum": ["system", "user", "assistant", "developer"]})
     content: str | list[dict[str, Any]] | None = ""
 
     @field_validator("role")
@@ -109,8 +110,9 @@ def chat_completions() -> Response:
     created = int(time.time())
     if body.stream:
         events = svc.chat.stream(ex, heartbeat=svc.settings.stream_heartbeat)
-        next(events)  # the start event; raises load shedding before streaming
-        return sse_response(_chunks(events, completion_id, created, ex.model))
+        head = open_stream(events)[1:]  # drop the start event; early failures raise here
+        return sse_response(_chunks(itertools.chain(head, events), events, completion_id,
+                                    created, ex.model))
     answer = svc.chat.answer(ex)
     g.processing_method = answer.processing_method
     prompt = answer.usage.get("prompt_tokens") or _estimate_tokens(" ".join(t["content"] for t in ex.transcript))
@@ -145,8 +147,8 @@ def _chunk(completion_id: str, created: int, model: str, delta: dict[str, Any],
     return f"data: {json.dumps(data, ensure_ascii=False, separators=(',', ':'))}\n\n"
 
 
-def _chunks(events: Iterator[dict[str, Any]], completion_id: str, created: int,
-            model: str) -> Iterator[str]:
+def _chunks(events: Iterator[dict[str, Any]], source: Generator[dict[str, Any], None, None],
+            completion_id: str, created: int, model: str) -> Iterator[str]:
     yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""})
     try:
         for event in events:
@@ -161,7 +163,7 @@ def _chunks(events: Iterator[dict[str, Any]], completion_id: str, created: int,
         error = {"error": {"message": exc.message, "type": "api_error", "code": exc.code}}
         yield f"data: {json.dumps(error)}\n\n"
     finally:
-        events.close()
+        source.close()
 
 
 @bp.get("/models")

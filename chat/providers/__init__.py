@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from ..errors import ProviderUnavailable, ValidationFailed
@@ -119,7 +120,11 @@ def build_registry(settings: Settings) -> ProviderRegistry:
     else:
         ok, reason = local.available(settings.local_model_path or None)
         if ok:
-            providers["local"] = local.LocalProvider(model_path=settings.local_model_path or None)
+            providers["local"] = local.LocalProvider(
+                model_path=settings.local_model_path or None, n_threads=settings.local_threads,
+                max_concurrent=settings.local_max_concurrent, max_queue=settings.local_max_queue)
+        elif settings.local_model_path and not os.path.isfile(settings.local_model_path):
+            unavailable["local"] = f"LOCAL_MODEL_PATH={settings.local_model_path!r}: {reason}"
         else:
             unavailable["local"] = reason
     if settings.llm_provider not in providers:

@@ -83,6 +83,31 @@ class Provider(abc.ABC):
         """Release clients and sessions."""
 
 
+#: How often a pool thread streaming from a silent upstream checks for a cancel, seconds.
+CANCEL_POLL = 0.1
+
+
+async def _anext(pieces: AsyncIterator[StreamPiece]) -> StreamPiece:
+    return await pieces.__anext__()
+
+
+async def _settle(known: set[asyncio.Task[Any]], timeout: float = 0.5) -> None:
+    """Run the aclose() tasks that generator finalizers scheduled on this loop.
+
+    Closing a provider generator at a yield leaves the generators it was iterating to
+    the loop's finalizer hook; on a pool thread's loop those would run (and close the
+    upstream connection) only when the thread next streams.
+    """
+    me = asyncio.current_task()
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        await asyncio.sleep(0)
+        others = asyncio.all_tasks() - known - {me}
+        if not others:
+            return
+        await asyncio.wait(others, timeout=max(end - time.monotonic(), 0))
+
+
 class AsyncProvider(Provider):
     """A provider written once, async; its sync methods run that code on a private loop.
 
@@ -123,17 +148,39 @@ class AsyncProvider(Provider):
 
         loop = self._thread_loop()
         pieces = self.astream(request, deadline=deadline).__aiter__()
+        pending: asyncio.Task[StreamPiece] | None = None
+        finished = False
         try:
             while cancel is None or not cancel.is_set():
-                left = max(deadline - time.monotonic(), 0.0)
+                pending = loop.create_task(_anext(pieces))
+                # Wait in short slices so that a cancel (the client went away) is seen
+                # within CANCEL_POLL even while the upstream is silent.
+                while not pending.done():
+                    if cancel is not None and cancel.is_set():
+                        return
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise UpstreamTimeout(f"provider {self.name!r} timed out")
+                    loop.run_until_complete(asyncio.wait({pending}, timeout=min(left, CANCEL_POLL)))
                 try:
-                    yield loop.run_until_complete(asyncio.wait_for(pieces.__anext__(), left))
+                    piece = pending.result()
                 except StopAsyncIteration:
+                    finished = True
                     return
-                except asyncio.TimeoutError:
-                    raise UpstreamTimeout(f"provider {self.name!r} timed out") from None
+                pending = None
+                yield piece
         finally:
-            loop.run_until_complete(pieces.aclose())
+            if pending is not None and not pending.done():
+                # Cancelling the waiting task unwinds the provider's (nested) generators
+                # at once and closes the upstream response, as on the loop thread; an
+                # aclose() alone would leave inner generators to a finalizer that runs
+                # only the next time this thread's loop runs.
+                pending.cancel()
+                loop.run_until_complete(asyncio.wait({pending}))
+            if not finished:
+                known = asyncio.all_tasks(loop)
+                loop.run_until_complete(pieces.aclose())
+                loop.run_until_complete(_settle(known))
 
     async def aclose_clients(self) -> None:
         """Close the clients of the running loop."""

@@ -15,6 +15,7 @@
     list: { items: new Map(), cursor: null, loading: false, token: 0 },
     historyFirst: null,   // created_at of the oldest message on screen
     errorCode: null,
+    modelProviders: new Map(), // model id -> provider serving it (owned_by in /v1/models)
   };
 
   /* ---------------------------------------------------------------- helpers */
@@ -487,7 +488,12 @@
     if (navigator.onLine === false) { showError({ code: "offline" }); return; }
     clearError();
     const body = { message: text, stream: true };
-    if (ui.modelSelect.value) body.model = ui.modelSelect.value;
+    if (ui.modelSelect.value) {
+      body.model = ui.modelSelect.value;
+      // /api/chat asks the default provider unless told; name the one that serves this model.
+      const provider = state.modelProviders.get(body.model);
+      if (provider) body.provider = provider;
+    }
     if (state.conversationId) body.conversation_id = state.conversationId;
     ui.input.value = "";
     autoGrow();
@@ -734,7 +740,10 @@
     let ids = [];
     try {
       const data = await apiJson("/v1/models");
-      ids = ((data && data.data) || []).map((m) => m && m.id).filter((id) => typeof id === "string" && id);
+      const models = ((data && data.data) || []).filter((m) => m && typeof m.id === "string" && m.id);
+      ids = models.map((m) => m.id);
+      state.modelProviders = new Map(models.filter((m) => typeof m.owned_by === "string" && m.owned_by)
+        .map((m) => [m.id, m.owned_by]));
     } catch { /* the picker falls back to the server's default model */ }
     ui.modelSelect.replaceChildren(...(ids.length ? ids.map((id) => el("option", { value: id }, [id]))
       : [el("option", { value: "" }, ["Default model"])]));
