@@ -132,8 +132,8 @@ def run_level(generate: Callable[[str, list[dict[str, float]]], None], concurren
             errors.append(exc)
 
     for round_no in range(rounds):
-        threads = [threading.Thread(target=guarded, args=(TOPICS[(round_no * concurrency + i) % len(TOPICS)],))
-                   for i in range(concurrency)]
+        topics = [TOPICS[(round_no * concurrency + i) % len(TOPICS)] for i in range(concurrency)]
+        threads = [threading.Thread(target=guarded, args=(topic,)) for topic in topics]
         began = time.monotonic()
         for thread in threads:
             thread.start()
@@ -194,7 +194,7 @@ def bench_http(url: str, max_tokens: int, rounds: int, levels: tuple[int, ...] =
     provider = health["components"]["provider"]
     if "local" not in provider["configured"]:
         reason = provider.get("unavailable", {}).get("local", "not configured")
-        raise RuntimeError(f"the server at {url} has no local provider: {reason}")
+        raise RuntimeError(f"local provider unavailable on the server at {url}: {reason}")
     local = provider["configured"]["local"]
 
     def server_tokens() -> int:

@@ -169,6 +169,7 @@ class Dispatcher:
         self._inflight = 0
         self._pool_busy = 0
         self._pool_submitted = 0
+        self._pool_pending = 0  # submitted and not finished: running or queued
         self._closed = False
         self.started_at = time.time()
 
@@ -318,7 +319,7 @@ class Dispatcher:
     def run_thread(self, fn: Callable[[], T], timeout: float) -> T:
         """Run a blocking call on a native pool thread and wait at most timeout."""
         pool = self._ensure_pool()
-        future = pool.submit(self._counted, fn)
+        future = self._submit(pool, fn)
         try:
             return future.result(timeout=max(timeout, 0))
         except concurrent.futures.TimeoutError:
@@ -329,6 +330,22 @@ class Dispatcher:
                 raise
             future.cancel()
             raise UpstreamTimeout(f"no answer within {timeout:.1f} s") from exc
+
+    def _submit(self, pool: concurrent.futures.Executor, fn: Callable[[], T]) -> Any:
+        """Submit fn to the pool, counting it as pending until its future settles."""
+        with self._lock:
+            self._pool_pending += 1
+        try:
+            future = pool.submit(self._counted, fn)
+        except BaseException:
+            self._settled(None)
+            raise
+        future.add_done_callback(self._settled)
+        return future
+
+    def _settled(self, _future: Any) -> None:
+        with self._lock:
+            self._pool_pending -= 1
 
     def _counted(self, fn: Callable[[], T]) -> T:
         with self._lock:
@@ -396,7 +413,7 @@ class Dispatcher:
                 except BaseException as exc:
                     push(exc)
 
-            holder["future"] = pool.submit(self._counted, pump_thread)
+            holder["future"] = self._submit(pool, pump_thread)
 
         finished = False
         try:
@@ -437,6 +454,7 @@ class Dispatcher:
             "thread_pool": {
                 "size": self.pool_size,
                 "busy": self._pool_busy,
+                "queued": max(0, self._pool_pending - self._pool_busy),
                 "submitted": self._pool_submitted,
                 "native": True,
             },

@@ -72,9 +72,11 @@ def summary() -> dict[str, Any]:
         return result
 
     hits, misses = total("chat_cache_hits_total"), total("chat_cache_misses_total")
+    started = [v for _, v in samples.get("chat_start_time_seconds", []) if v > 0]
     local_tokens = int(total("chat_local_tokens_total"))
     local_rates = [v for _, v in samples.get("chat_local_tokens_per_second", []) if v > 0]
     return {
+        "started_at": min(started) if started else None,
         "requests": {"total": int(total("chat_http_requests_total")),
                      "by_endpoint_status": by("chat_http_requests_total", "endpoint", "status")},
         "chat": {"total": int(total("chat_requests_total")),

@@ -87,6 +87,7 @@ class MetricsSummary(BaseModel):
     thread_pool: dict[str, int]
     event_loop: dict[str, int]
     database: dict[str, int]
+    local: dict[str, Any] | None = Field(None, description="the local model's tokens and speed")
     uptime_seconds: float = Field(..., description="seconds since the server's first worker started")
     worker: dict[str, Any] = Field(..., description="the answering worker's own dispatcher state")
 
@@ -249,8 +250,9 @@ _METRICS = {"requests": {"total": 250, "by_endpoint_status": {"/api/chat|200": 1
             "rate_limited": 2, "load_shed": 0, "inflight": 1,
             "upstream": {"errors": {"timeout": 1}, "errors_total": 1, "retries": 2},
             "thread_pool": {"busy": 0, "queued": 0}, "event_loop": {"pending_tasks": 1},
-            "database": {"pool_size": 4, "waiting": 0}, "uptime_seconds": 3600.5,
-            "worker": {"inflight": 1, "max_inflight": 1000}}
+            "database": {"pool_size": 4, "waiting": 0},
+            "local": {"tokens": 0, "tokens_per_second": None}, "uptime_seconds": 3600.5,
+            "worker": {"pid": 4242, "uptime_seconds": 600.2, "inflight": 1, "max_inflight": 1000}}
 
 # status -> (code, example message) of API.md's error table.
 _ERRORS: dict[int, tuple[str, str]] = {

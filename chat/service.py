@@ -14,6 +14,7 @@ from .cache import ResponseCache, cache_key
 from .dispatcher import ASYNC, CACHE, Dispatcher, native_lock
 from .errors import ChatError, Overloaded, UpstreamError, UpstreamTimeout, ValidationFailed
 from .providers import ProviderRegistry
+from .providers.retry import flush_retries
 from .providers.base import ChatRequest, Completion, StreamPiece
 from .store import Reply, Store, title_from
 
@@ -82,6 +83,11 @@ class ChatService:
         self.default_model = default_model
         self._figures_lock = native_lock()
         self._local_tokens_reported = 0
+
+    def record_figures(self) -> None:
+        """Move figures gathered on loop and pool threads into the metrics."""
+        flush_retries()
+        self.record_local_figures()
 
     def record_local_figures(self) -> None:
         """Move the local model's newly generated tokens and its last speed into the metrics.
@@ -205,8 +211,7 @@ class ChatService:
             raise error from exc
         finally:
             metrics.INFLIGHT.dec()
-            if ex.provider == "local":
-                self.record_local_figures()
+            self.record_figures()
         metrics.UPSTREAM_LATENCY.labels(provider=ex.provider).observe(time.monotonic() - started)
         value = {"text": completion.text, "model": completion.model,
                  "finish_reason": completion.finish_reason,
@@ -291,8 +296,7 @@ class ChatService:
                 raise
             finally:
                 metrics.INFLIGHT.dec()
-                if ex.provider == "local":
-                    self.record_local_figures()
+                self.record_figures()
         text = "".join(pieces)
         if finish in ("stop", "length"):
             self.cache.set(key, {"text": text, "model": ex.model, "finish_reason": finish})

@@ -1,6 +1,7 @@
 """Retry transient upstream failures with backoff and jitter, inside the request deadline."""
 from __future__ import annotations
 
+import collections
 import logging
 import time
 from collections.abc import Callable
@@ -14,9 +15,21 @@ from .. import metrics
 logger = logging.getLogger(__name__)
 
 
+# Retries happen on the loop and pool threads, where prometheus_client's locks (gevent's,
+# after patching) must not be taken; they wait here (deque appends are thread-safe) until
+# a request greenlet moves them into the metrics with flush_retries().
+_pending: collections.deque[str] = collections.deque()
+
+
+def flush_retries() -> None:
+    """Count the retries made since the last call; call from a request greenlet."""
+    while _pending:
+        metrics.UPSTREAM_RETRIES.labels(provider=_pending.popleft()).inc()
+
+
 def _log_retry(provider: str) -> Callable[[RetryCallState], None]:
     def before_sleep(state: RetryCallState) -> None:
-        metrics.UPSTREAM_RETRIES.labels(provider=provider).inc()
+        _pending.append(provider)
         exc = state.outcome.exception() if state.outcome else None
         logger.warning("provider %r attempt %d failed (%s); retrying in %.2f s", provider,
                        state.attempt_number, type(exc).__name__, state.upcoming_sleep)
