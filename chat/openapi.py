@@ -260,6 +260,7 @@ _ERRORS: dict[int, tuple[str, str]] = {
     401: ("unauthorized", "a valid API key is required"),
     403: ("forbidden", "this endpoint needs the admin key"),
     404: ("conversation_not_found", f"conversation {_CID} not found"),
+    405: ("method_not_allowed", "method GET is not allowed on /api/chat"),
     413: ("payload_too_large", "the request body is too large"),
     415: ("unsupported_media_type", "send the body as application/json"),
     422: ("validation_error", "invalid request: message: must not be empty"),
@@ -274,6 +275,7 @@ _DESCRIPTIONS = {
     401: "Auth is on and the key is missing or wrong.",
     403: "Admin endpoint without the admin key.",
     404: "Unknown conversation, or one the caller does not own.",
+    405: "The path exists, but not for this method; `Allow` lists the methods it takes.",
     413: "Body over MAX_BODY_BYTES.", 415: "POST body not JSON.",
     422: "Fields wrong; `details` lists each field and why.",
     429: "Per-client limit hit; retry after `Retry-After` seconds.",
@@ -411,7 +413,9 @@ def _document() -> dict[str, Any]:
             {"200": b.answer("The reply; with `stream: true` server-sent events instead.", ChatReply,
                              _CHAT_REPLY, headers=_LIMIT_HEADERS, extra=chat_stream),
              **b.errors(*_CHAT_ERRORS, limited=True)},
-            description="Send exactly one of `message` and `messages`. Unknown fields are ignored.",
+            description="Send exactly one of `message` and `messages`. Unknown fields are ignored. "
+                        "Every status of the error table can answer except 403 (admin only) "
+                        "and 405 (other methods).",
             parameters=[_CLIENT_ID],
             requestBody=b.body(ChatBody, {
                 "message": {"message": "Hello!"},
@@ -524,6 +528,9 @@ def _document() -> dict[str, Any]:
         "paths": paths,
         "components": {
             "schemas": dict(sorted(b.schemas.items())),
+            # API.md's whole error table, one reusable answer per status.
+            "responses": {f"Error{status}": answer for status, answer in
+                          b.errors(*sorted(_ERRORS)).items()},
             "headers": {name: dict(value) for name, value in _HEADERS.items()},
             "securitySchemes": {
                 "bearerAuth": {"type": "http", "scheme": "bearer",

@@ -34,7 +34,8 @@ class ChatBody(BaseModel):
     # The extra keywords document what the validators below check (limits at their defaults,
     # MAX_MESSAGE_CHARS and MAX_MESSAGES); they do not change validation.
     model_config = ConfigDict(extra="ignore", json_schema_extra={
-        "oneOf": [{"required": ["message"]}, {"required": ["messages"]}],
+        "oneOf": [{"title": "a new user turn", "required": ["message"]},
+                  {"title": "a client-held transcript", "required": ["messages"]}],
         "examples": [{"message": "Hello!"},
                      {"messages": [{"role": "user", "content": "Hi"}], "stream": True}]})
 

@@ -70,10 +70,14 @@ def test_missing_or_wrong_key_is_401(keyed_app: Flask, headers: dict[str, str]) 
 
 def test_nothing_is_stored_without_a_key(keyed_app: Flask, upstream: Any) -> None:
     client = new_client(keyed_app)
+    # Other tests share the database and key k1: compare with what k1 held before.
+    stored = client.get("/api/conversations?limit=100", headers=bearer("k1")).get_json()["conversations"]
     before = upstream.stats()["requests"]
     assert_error(client.post("/api/chat", json={"message": "sneaky"}), 401, "unauthorized")
     assert upstream.stats()["requests"] == before
-    assert client.get("/api/conversations", headers=bearer("k1")).get_json()["conversations"] == []
+    after = client.get("/api/conversations?limit=100", headers=bearer("k1")).get_json()["conversations"]
+    assert after == stored
+    assert "sneaky" not in [c["title"] for c in after]
 
 
 @pytest.mark.parametrize("headers", [bearer("k1"), {"X-API-Key": "k2"}, {"Authorization": "bearer k1"},

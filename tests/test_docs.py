@@ -96,6 +96,12 @@ def test_chat_operation_documents_the_contract(spec: dict[str, Any]) -> None:
         answer = op["responses"][str(status)]["content"]["application/json"]
         assert answer["schema"] == {"$ref": "#/components/schemas/ErrorReply"}, status
         assert answer["example"]["success"] is False
+    # API.md's whole error table is in components/responses, each answer an ErrorReply.
+    table = {400, 401, 403, 404, 405, 413, 415, 422, 429, 500, 502, 503, 504}
+    reusable = spec["components"]["responses"]
+    assert {int(name.removeprefix("Error")) for name in reusable} == table
+    assert all(r["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorReply")
+               for r in reusable.values())
     conv = spec["paths"]["/api/conversations/{conversation_id}"]
     assert set(conv) >= {"get", "patch", "delete", "parameters"}
     assert conv["get"]["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith(
@@ -150,3 +156,45 @@ def test_unknown_asset_is_404(docs_app: Flask) -> None:
     client = docs_app.test_client()
     assert client.get("/docs/assets/js/nope.js").status_code == 404
     assert client.get("/docs/assets/../../__init__.py").status_code == 404
+
+
+def _examples(spec: dict[str, Any]) -> list[tuple[str, dict[str, Any], Any]]:
+    """Every JSON example of the document with the schema it illustrates."""
+    found = []
+    for path, item in spec["paths"].items():
+        for method, op in item.items():
+            if method == "parameters":
+                continue
+            body = op.get("requestBody", {}).get("content", {}).get("application/json")
+            if body:
+                found += [(f"{method} {path} request {name}", body["schema"], ex["value"])
+                          for name, ex in body.get("examples", {}).items()]
+            for status, answer in op["responses"].items():
+                media = answer.get("content", {}).get("application/json", {})
+                if "example" in media:
+                    found.append((f"{method} {path} {status}", media["schema"], media["example"]))
+    return found
+
+
+def test_examples_match_their_schemas(spec: dict[str, Any]) -> None:
+    from jsonschema import Draft202012Validator
+
+    examples = _examples(spec)
+    assert len(examples) > 40
+    for where, schema, example in examples:
+        validator = Draft202012Validator({**schema, "components": spec["components"]})
+        errors = [e.message for e in validator.iter_errors(example)]
+        assert not errors, f"{where}: {errors}"
+
+
+def test_docs_are_public_when_auth_is_on(make_app: Any) -> None:
+    client = make_app(api_keys="docs-test-key-123").test_client()
+    assert client.get("/api/conversations").status_code == 401
+    assert client.get("/openapi.json").status_code == 200
+    for page in ("/docs", "/redoc"):
+        parser = _Assets()
+        parser.feed(client.get(page).get_data(as_text=True))
+        for url in parser.scripts:
+            response = client.get(url)
+            assert response.status_code == 200, url
+            response.close()

@@ -15,6 +15,7 @@ import pytest
 import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis.configuration import set_hypothesis_home_dir
 from schemathesis import GenerationMode
 from schemathesis.specs.openapi.checks import (content_type_conformance,
                                                response_headers_conformance,
@@ -23,6 +24,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance,
 
 from chat.openapi import document
 
+set_hypothesis_home_dir("/tmp/chat-tests-hypothesis")  # its caches stay out of the work tree
 MAX_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))  # more for a deeper run
 ALLOWED_5XX = {502, 503, 504}
 CHECKS = [status_code_conformance, content_type_conformance, response_headers_conformance,

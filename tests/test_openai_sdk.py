@@ -70,7 +70,8 @@ def test_completion(client: openai.OpenAI, upstream: FakeUpstream) -> None:
     assert choice.message.content == f"Echo: {text}"
     assert choice.finish_reason == "stop"
     assert completion.usage is not None
-    assert completion.usage.total_tokens == completion.usage.prompt_tokens + completion.usage.completion_tokens
+    usage = completion.usage
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     sent = upstream.stats()["last_request"]
     assert sent["messages"][-1] == {"role": "user", "content": text}
     assert sent["temperature"] == 0.2 and sent["max_tokens"] == 64

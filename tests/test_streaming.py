@@ -448,7 +448,8 @@ def test_v1_stores_nothing_unless_a_conversation_id_is_sent(client: FlaskClient,
 def test_v1_conversation_of_another_client_is_not_continued(app: Flask) -> None:
     owner, other = new_client(app), new_client(app)
     conversation_id = str(uuid.uuid4())
-    assert completion(owner, unique("mine"), headers={"X-Conversation-Id": conversation_id}).status_code == 200
+    mine = completion(owner, unique("mine"), headers={"X-Conversation-Id": conversation_id})
+    assert mine.status_code == 200
     response = completion(other, unique("not yours"), headers={"X-Conversation-Id": conversation_id})
     assert_openai_error(response, 404, "not_found_error", "conversation_not_found")
     assert other.get(f"/api/conversations/{conversation_id}").status_code == 404

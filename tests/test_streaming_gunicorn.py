@@ -157,7 +157,7 @@ def read_until_first_delta(sock: socket.socket, timeout: float = 10) -> tuple[st
         chunk = sock.recv(65536)
         assert chunk, f"stream closed early: {buffer!r}"
         buffer += chunk
-        for line in buffer.split(b"\n"):
+        for line in buffer.split(b"\n")[:-1]:  # complete lines only
             if not line.startswith(b"data: "):
                 continue
             event = json.loads(line[6:])
@@ -167,12 +167,14 @@ def read_until_first_delta(sock: socket.socket, timeout: float = 10) -> tuple[st
                 return conversation_id, event["delta"]
 
 
+@pytest.mark.parametrize("provider", ["g4f", "openai"])
 @pytest.mark.parametrize("use_async", [True, False], ids=["async", "thread"])
 def test_disconnect_cancels_the_upstream_and_stores_the_partial_reply(
-        live_server: Any, upstream: FakeUpstream, use_async: bool) -> None:
+        live_server: Any, upstream: FakeUpstream, use_async: bool, provider: str) -> None:
     client_id = f"gcancel-{uuid.uuid4().hex}"
     message = f"cancel me {uuid.uuid4().hex} #interval=0.2 #pieces=20"
-    body = json.dumps({"message": message, "stream": True, "use_async": use_async}).encode()
+    body = json.dumps({"message": message, "stream": True, "use_async": use_async,
+                       "provider": provider}).encode()
     parts = urlsplit(live_server.url)
     before = upstream.stats()
     sock = socket.create_connection((parts.hostname, parts.port), timeout=10)
@@ -193,7 +195,7 @@ def test_disconnect_cancels_the_upstream_and_stores_the_partial_reply(
 
     assert wait_until(cancelled, timeout=5), upstream.stats()
     latency = time.monotonic() - closed_at
-    print(f"\n[{'async' if use_async else 'thread'}] upstream saw the cancel {latency:.3f} s "
+    print(f"\n[{provider}/{'async' if use_async else 'thread'}] upstream saw the cancel {latency:.3f} s "
           f"after the client closed")
     assert latency < 2.5  # the upstream would stream for ~4 s more otherwise
 

@@ -66,6 +66,8 @@ def _chat_events(head: list[dict[str, Any]],
             if event.get("heartbeat"):
                 yield ": keep-alive\n\n"
             else:
+                if event.get("done"):
+                    g.processing_method = event.get("processing_method")  # for the access log
                 yield sse(event)
     except ChatError as exc:
         yield sse({"code": exc.code, "message": exc.message}, event="error")

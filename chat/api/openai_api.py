@@ -157,6 +157,7 @@ def _chunks(events: Iterator[dict[str, Any]], source: Generator[dict[str, Any], 
             elif "delta" in event:
                 yield _chunk(completion_id, created, model, {"content": event["delta"]})
             elif event.get("done"):
+                g.processing_method = event.get("processing_method")  # for the access log
                 yield _chunk(completion_id, created, model, {}, event.get("finish_reason", "stop"))
         yield "data: [DONE]\n\n"
     except ChatError as exc:
