@@ -85,7 +85,8 @@ class Store:
                  timeout: float = 5.0) -> None:
         self.url = url
         self.pool = ConnectionPool(url, min_size=min_size, max_size=max_size, timeout=timeout,
-                                   kwargs={"row_factory": dict_row}, open=False,
+                                   kwargs={"row_factory": dict_row, "autocommit": True},
+                                   open=False,
                                    name="chat-store")
 
     def open(self, *, wait: bool = True) -> None:
@@ -228,33 +229,50 @@ class Store:
     def _save_exchange(self, owner: str, conversation_id: str, create: bool,
                        turns: list[dict[str, str]], reply: Reply, title: str,
                        model: str | None, system_prompt: str | None) -> tuple[str, str]:
-        reply_id = uuid.uuid4()
-        with self._conn() as conn, conn.transaction():
-            if create:
-                conn.execute("INSERT INTO conversations (id, owner, title, model, system_prompt)"
-                             " VALUES (%s, %s, %s, %s, %s)",
-                             (conversation_id, owner, title, model, system_prompt))
-                next_seq = 0
-            else:
-                # Row lock: concurrent exchanges in one conversation get distinct seq numbers.
-                row = conn.execute("SELECT message_count FROM conversations WHERE id = %s AND owner = %s"
-                                   " FOR UPDATE", (conversation_id, owner)).fetchone()
-                if row is None:
-                    raise ConversationNotFound(f"conversation {conversation_id} not found")
-                last = conn.execute("SELECT coalesce(max(seq), -1) AS s FROM messages"
-                                    " WHERE conversation_id = %s", (conversation_id,)).fetchone()
-                next_seq = (last["s"] if last else -1) + 1
-            rows = [(uuid.uuid4(), conversation_id, next_seq + i, t["role"], t["content"],
-                     None, None, False, None, None) for i, t in enumerate(turns)]
-            rows.append((reply_id, conversation_id, next_seq + len(turns), "assistant", reply.content,
-                         reply.model, reply.provider, reply.cached, reply.finish_reason,
-                         reply.latency_ms))
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO messages (id, conversation_id, seq, role, content, model, provider,"
-                    " cached, finish_reason, latency_ms) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                    rows)
-            conn.execute("UPDATE conversations SET message_count = message_count + %s,"
-                         " updated_at = now(), title = CASE WHEN title = '' THEN %s ELSE title END"
-                         " WHERE id = %s", (len(rows), title, conversation_id))
-        return str(conversation_id), str(reply_id)
+        rows = [(str(uuid.uuid4()), t["role"], t["content"], None, None, False, None, None)
+                for t in turns]
+        rows.append((str(uuid.uuid4()), "assistant", reply.content, reply.model, reply.provider,
+                     reply.cached, reply.finish_reason, reply.latency_ms))
+        columns = [list(col) for col in zip(*rows)]
+        # One statement, so one round trip and one implicit transaction: the turns and the
+        # reply are written together or not at all. Updating the conversation row first
+        # locks it, so concurrent exchanges in one conversation get distinct seq numbers.
+        sql = _CREATE_EXCHANGE if create else _APPEND_EXCHANGE
+        params = {"id": conversation_id, "owner": owner, "title": title, "model": model,
+                  "system_prompt": system_prompt, "n": len(rows), "ids": columns[0],
+                  "roles": columns[1], "contents": columns[2], "models": columns[3],
+                  "providers": columns[4], "cached": columns[5], "finish": columns[6],
+                  "latency": columns[7]}
+        with self._conn() as conn:
+            inserted = conn.execute(sql, params).rowcount
+        if inserted != len(rows):
+            raise ConversationNotFound(f"conversation {conversation_id} not found")
+        return str(conversation_id), rows[-1][0]
+
+
+_INSERT_MESSAGES = """
+INSERT INTO messages (id, conversation_id, seq, role, content, model, provider, cached,
+                      finish_reason, latency_ms)
+SELECT m.id, c.id, c.base + m.ord - 1, m.role, m.content, m.model, m.provider, m.cached,
+       m.finish, m.latency
+FROM c, unnest(%(ids)s::uuid[], %(roles)s::text[], %(contents)s::text[], %(models)s::text[],
+               %(providers)s::text[], %(cached)s::boolean[], %(finish)s::text[],
+               %(latency)s::integer[])
+     WITH ORDINALITY AS m(id, role, content, model, provider, cached, finish, latency, ord)
+"""
+
+_CREATE_EXCHANGE = """
+WITH c AS (
+    INSERT INTO conversations (id, owner, title, model, system_prompt, message_count)
+    VALUES (%(id)s, %(owner)s, %(title)s, %(model)s, %(system_prompt)s, %(n)s)
+    RETURNING id, 0 AS base
+)""" + _INSERT_MESSAGES
+
+_APPEND_EXCHANGE = """
+WITH c AS (
+    UPDATE conversations
+    SET message_count = message_count + %(n)s, updated_at = now(),
+        title = CASE WHEN title = '' THEN %(title)s ELSE title END
+    WHERE id = %(id)s AND owner = %(owner)s
+    RETURNING id, message_count - %(n)s AS base
+)""" + _INSERT_MESSAGES

@@ -35,11 +35,11 @@ def asset_dir(ui: str) -> str | None:
 _SWAGGER = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Chat backend API - Swagger UI</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="{{ url_for('docs.asset', ui='docs', filename='images/swagger.svg') }}">
-<link rel="stylesheet" href="{{ url_for('docs.asset', ui='docs', filename='css/swagger-ui.css') }}">
+<link rel="icon" href="{{ url_for('docs.swagger_asset', filename='images/swagger.svg') }}">
+<link rel="stylesheet" href="{{ url_for('docs.swagger_asset', filename='css/swagger-ui.css') }}">
 </head><body><div id="swagger-ui"></div>
-<script src="{{ url_for('docs.asset', ui='docs', filename='js/swagger-ui-bundle.js') }}"></script>
-<script src="{{ url_for('docs.asset', ui='docs', filename='js/swagger-ui-standalone-preset.js') }}"></script>
+<script src="{{ url_for('docs.swagger_asset', filename='js/swagger-ui-bundle.js') }}"></script>
+<script src="{{ url_for('docs.swagger_asset', filename='js/swagger-ui-standalone-preset.js') }}"></script>
 <script>
 window.ui = SwaggerUIBundle({url: {{ url_for('docs.openapi_json')|tojson }}, dom_id: "#swagger-ui",
   deepLinking: true, validatorUrl: null, layout: "StandaloneLayout",
@@ -50,10 +50,10 @@ window.ui = SwaggerUIBundle({url: {{ url_for('docs.openapi_json')|tojson }}, dom
 _REDOC = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>Chat backend API - ReDoc</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<link rel="icon" href="{{ url_for('docs.asset', ui='redoc', filename='images/redoc.svg') }}">
+<link rel="icon" href="{{ url_for('docs.redoc_asset', filename='images/redoc.svg') }}">
 <style>body { margin: 0; padding: 0; }</style>
 </head><body><div id="redoc"></div>
-<script src="{{ url_for('docs.asset', ui='redoc', filename='js/redoc.standalone.js') }}"></script>
+<script src="{{ url_for('docs.redoc_asset', filename='js/redoc.standalone.js') }}"></script>
 <script>
 Redoc.init({{ url_for('docs.openapi_json')|tojson }}, {hideDownloadButton: false},
            document.getElementById("redoc"));
@@ -87,10 +87,20 @@ def redoc() -> Response:
     return _page(_REDOC, "redoc")
 
 
-@bp.get("/<any(docs, redoc):ui>/assets/<path:filename>")
-def asset(ui: str, filename: str) -> Response:
-    """Serve a UI's script, style or image from its installed package."""
-    folder = asset_dir("swagger" if ui == "docs" else ui)
+def _asset(ui: str, filename: str) -> Response:
+    folder = asset_dir(ui)
     if folder is None:
         abort(404)
     return send_from_directory(folder, filename, max_age=86400)
+
+
+@bp.get("/docs/assets/<path:filename>")
+def swagger_asset(filename: str) -> Response:
+    """Serve a Swagger UI script, style or image from its installed package."""
+    return _asset("swagger", filename)
+
+
+@bp.get("/redoc/assets/<path:filename>")
+def redoc_asset(filename: str) -> Response:
+    """Serve a ReDoc script or image from its installed package."""
+    return _asset("redoc", filename)
