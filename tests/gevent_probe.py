@@ -61,6 +61,7 @@ def main() -> None:
                 "ok": sum(1 for status, _ in outcomes if status == 200),
                 "methods": sorted({method for _, method in outcomes}),
                 "max_tick_gap_ms": round(max(gaps) * 1000, 1) if gaps else None,
+                "p95_tick_gap_ms": round(sorted(gaps)[int(len(gaps) * 0.95)] * 1000, 1) if gaps else None,
                 "ticks": len(gaps),
             }
     running = False

@@ -25,6 +25,7 @@ from schemathesis.specs.openapi.checks import (content_type_conformance,
 from chat.openapi import document
 
 set_hypothesis_home_dir("/tmp/chat-tests-hypothesis")  # its caches stay out of the work tree
+pytestmark = pytest.mark.slow  # real gunicorn
 MAX_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "25"))  # more for a deeper run
 ALLOWED_5XX = {502, 503, 504}
 CHECKS = [status_code_conformance, content_type_conformance, response_headers_conformance,

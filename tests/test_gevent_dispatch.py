@@ -42,4 +42,7 @@ def test_hub_keeps_ticking_while_chats_wait(probe: dict[str, dict], path: str) -
     # show one gap of a second or more and almost no ticks. Short gaps remain, where the
     # loop or pool threads hold the GIL while parsing replies.
     assert result["ticks"] >= 50, result
-    assert result["max_tick_gap_ms"] < (2000 if path == "openai/thread" else 900), result
+    assert result["p95_tick_gap_ms"] < 150, result
+    # 200 native threads each parsing an openai SDK reply compete for the GIL with the
+    # hub: that path shows the longest single stall (the thread pool is the fallback).
+    assert result["max_tick_gap_ms"] < (3000 if path == "openai/thread" else 1000), result

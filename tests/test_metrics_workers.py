@@ -18,6 +18,7 @@ import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
+pytestmark = pytest.mark.slow  # real gunicorn
 N = 12
 
 # Every figure the issue lists, as /metrics names it.
