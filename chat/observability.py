@@ -57,8 +57,11 @@ def _native_logging_locks(handler: logging.Handler) -> None:
 
     if not gevent_active():
         return
-    rlock = _original("threading", "RLock")
-    if type(logging._lock).__module__.startswith("gevent"):  # type: ignore[attr-defined]
+    # _thread.RLock, not threading.RLock: under patching the latter is threading's Python
+    # RLock around a gevent lock, and a greenlet waiting for it while a native thread
+    # holds it was never woken (chats hung for ever in the access log line).
+    rlock = _original("_thread", "RLock")
+    if not isinstance(logging._lock, rlock):  # type: ignore[attr-defined]
         logging._lock = rlock()  # type: ignore[attr-defined]
     handler.lock = rlock()
 
