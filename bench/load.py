@@ -50,6 +50,9 @@ class Phases:
     max_warmup: float = 15.0
     drain: float = 20.0
     request_timeout: float = 60.0
+    #: Spread the clients' first requests over this many seconds: clients that all start
+    #: at once stay in lockstep, and a short window then counts whole waves or none.
+    stagger: float = 0.0
 
 
 @dataclass
@@ -94,6 +97,12 @@ class LoadResult:
         return out
 
 
+def _error_code(data: Any) -> str | None:
+    """Return the error code of an API error body, if it has one."""
+    error = data.get("error") if isinstance(data, dict) else None
+    return str(error.get("code")) if isinstance(error, dict) and error.get("code") else None
+
+
 def percentile(values: list[float], q: float) -> float | None:
     """Return the q-quantile of sorted values (nearest rank), or None when empty."""
     if not values:
@@ -113,8 +122,9 @@ async def closed_loop(base_url: str, make_request: RequestFactory, concurrency: 
     stop_at = float("inf")
 
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-        async def client() -> None:
+        async def client(number: int) -> None:
             nonlocal counter
+            await asyncio.sleep(phases.stagger * number / concurrency)
             while time.monotonic() < stop_at:
                 index, counter = counter, counter + 1
                 method, path, body = make_request(index)
@@ -123,18 +133,23 @@ async def closed_loop(base_url: str, make_request: RequestFactory, concurrency: 
                     async with session.request(method, base_url + path, json=body) as response:
                         data = await response.json(content_type=None)
                         kind = data.get("processing_method") if isinstance(data, dict) else None
-                        samples.append(Sample(sent, time.monotonic(), response.status, kind))
+                        # An error keeps the API's code: http_503 alone cannot tell overload from storage.
+                        error = _error_code(data) if response.status >= 400 else None
+                        samples.append(Sample(sent, time.monotonic(), response.status, kind,
+                                              f"http_{response.status}_{error}" if error else None))
                 except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
                     samples.append(Sample(sent, time.monotonic(), 0, None, type(exc).__name__))
 
-        tasks = [asyncio.create_task(client()) for _ in range(concurrency)]
-        # Warm-up lasts at least `warmup` and until a first wave has finished (at high
-        # concurrency one request can take several seconds), but never past max_warmup.
+        tasks = [asyncio.create_task(client(number)) for number in range(concurrency)]
+        # Warm-up lasts at least `warmup` (and the stagger) and until a first wave has
+        # finished (at high concurrency one request can take several seconds), but never
+        # past max_warmup.
+        least = max(phases.warmup, phases.stagger)
         while True:
             await asyncio.sleep(0.05)
             elapsed = time.monotonic() - began
             if elapsed >= phases.max_warmup or (
-                    elapsed >= phases.warmup and len(samples) >= min(concurrency, 50)):
+                    elapsed >= least and len(samples) >= min(concurrency, 50)):
                 break
         window_start = time.monotonic()
         if on_window:

@@ -71,9 +71,11 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             ratio = cached["rps"] / bare["rps"]
             add(f"cached chat >= half the bare endpoint's throughput (c={cached['concurrency']})",
                 ratio >= 0.5, f"{cached['rps']} vs {bare['rps']} req/s ({ratio:.0%})")
-    pairs = [(g, _find(rows, "uncached-openai", g["concurrency"]))
-             for g in rows if g["kind"] == "uncached-g4f"]
-    pairs = [(g, o) for g, o in pairs if o is not None and o["rps"]]
+    pairs: list[tuple[dict[str, Any], dict[str, Any]]] = []
+    for g in rows:
+        o = _find(rows, "uncached-openai", g["concurrency"]) if g["kind"] == "uncached-g4f" else None
+        if o is not None and o["rps"]:
+            pairs.append((g, o))
     if pairs:
         # "As fast": within 5% of the openai path's throughput at every concurrency.
         add("g4f path as fast as the openai path",

