@@ -58,9 +58,10 @@ def build_services(settings: Settings) -> Services:
     except Exception:
         providers.close()
         raise
-    # Saving a reply may wait for a connection as long as the request itself may run.
+    # Under heavy load a reply may wait a while for a connection to be saved; with the
+    # database down, callers should not wait the whole request deadline to hear it.
     store = Store(url, min_size=settings.db_pool_min, max_size=settings.db_pool_max,
-                  timeout=max(5.0, settings.request_timeout))
+                  timeout=max(5.0, min(settings.request_timeout, 10.0)))
     try:
         store.open()
     except Exception:
