@@ -12,7 +12,7 @@ from typing import Any
 from . import metrics
 from .cache import ResponseCache, cache_key
 from .dispatcher import ASYNC, CACHE, Dispatcher, native_lock
-from .errors import ChatError, Overloaded, UpstreamError, UpstreamTimeout, ValidationFailed
+from .errors import ChatError, Overloaded, UpstreamError, UpstreamTimeout
 from .providers import ProviderRegistry
 from .providers.retry import flush_retries
 from .providers.base import ChatRequest, Completion, StreamPiece
@@ -355,4 +355,4 @@ def _count_error(exc: ChatError) -> None:
         metrics.UPSTREAM_ERRORS.labels(kind=exc.kind).inc()
 
 
-__all__ = ["Answer", "ChatService", "Exchange", "ValidationFailed"]
+__all__ = ["Answer", "ChatService", "Exchange"]

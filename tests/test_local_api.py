@@ -8,7 +8,6 @@ optional extra (422 and /api/health explain why; LLM_PROVIDER=local refuses to s
 from __future__ import annotations
 
 import json
-import os
 import re
 import sys
 import time

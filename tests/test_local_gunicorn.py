@@ -8,7 +8,6 @@ stored with finish_reason "cancelled".
 from __future__ import annotations
 
 import json
-import os
 import socket
 import statistics
 import threading
