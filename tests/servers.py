@@ -11,6 +11,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,6 +23,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 5.0, step: float = 0.02) -> Any:
+    """Poll predicate until it returns something true or timeout passes; return its last value."""
+    end = time.monotonic() + timeout
+    while not (value := predicate()) and time.monotonic() < end:
+        time.sleep(step)
+    return value
 
 
 def wait_http(url: str, timeout: float = 30.0) -> None:

@@ -25,7 +25,7 @@ import psycopg
 import pytest
 
 from bench.fake_upstream import FakeUpstream
-from servers import Gunicorn, Redis
+from servers import Gunicorn, Redis, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -46,14 +46,6 @@ PROBE_BOUND_MS = 250.0
 PROBE_BOUND_ANY_MS = 5000.0
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, step: float = 0.05) -> Any:
-    """Poll predicate until it returns something true or timeout passes; return its last value."""
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > end:
-            return value
-        time.sleep(step)
 
 
 # -- which worker holds a connection (Linux /proc) ----------------------------------------

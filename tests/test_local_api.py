@@ -24,6 +24,7 @@ from chat.providers.base import ChatRequest
 from chat.providers.local import available
 from chat.settings import SettingsError
 from conftest import base_settings, new_client
+from servers import wait_until
 
 AVAILABLE, REASON = available()
 
@@ -42,13 +43,6 @@ def unique(prompt: str) -> str:
     return f"{prompt} (#{uuid.uuid4().hex[:6]})"
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, step: float = 0.02) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > end:
-            return value
-        time.sleep(step)
 
 
 def sse_events(body: bytes | str) -> list[tuple[str | None, Any]]:

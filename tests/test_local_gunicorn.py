@@ -15,13 +15,14 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
 from chat.providers.local import available
+from servers import wait_until
 
 AVAILABLE, REASON = available()
 pytestmark = pytest.mark.slow
@@ -35,13 +36,6 @@ def unique(prompt: str) -> str:
     return f"{prompt} (#{uuid.uuid4().hex[:6]})"
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, step: float = 0.01) -> Any:
-    end = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() > end:
-            return value
-        time.sleep(step)
 
 
 def call(url: str, path: str, body: dict[str, Any] | None = None, client_id: str = "glocal",

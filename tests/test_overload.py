@@ -14,6 +14,7 @@ from flask.testing import FlaskClient
 
 from bench.fake_upstream import FakeUpstream
 from conftest import new_client
+from servers import wait_until
 
 PATHS = [pytest.param(True, id="async"), pytest.param(False, id="thread")]
 
@@ -35,11 +36,6 @@ def assert_error(response: Any, status: int, code: str) -> dict[str, Any]:
     return body
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < end, "timed out waiting"
-        time.sleep(0.01)
 
 
 @pytest.mark.parametrize("use_async", PATHS)
@@ -58,7 +54,7 @@ def test_past_max_inflight_a_chat_is_shed_at_once(make_app: Callable[..., Flask]
     holders = [threading.Thread(target=hold, args=(i,)) for i in range(2)]
     for t in holders:
         t.start()
-    wait_until(lambda: dispatcher.inflight == 2)
+    assert wait_until(lambda: dispatcher.inflight == 2), "timed out waiting"
 
     caller = new_client(app)
     started = time.monotonic()
@@ -112,7 +108,7 @@ def test_cache_hits_are_served_while_overloaded(make_app: Callable[..., Flask],
         "/api/chat", json={"message": f"hold {uuid.uuid4()} #delay=1"}))
     holder.start()
     dispatcher = app.extensions["chat"].dispatcher
-    wait_until(lambda: dispatcher.inflight == 1)
+    assert wait_until(lambda: dispatcher.inflight == 1), "timed out waiting"
     hit = client.post("/api/chat", json={"message": text})
     assert hit.status_code == 200, hit.get_json()
     assert hit.get_json()["processing_method"] == "cache"

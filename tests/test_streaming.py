@@ -15,6 +15,7 @@ from flask.testing import FlaskClient
 
 from bench.fake_upstream import FakeUpstream
 from conftest import new_client
+from servers import wait_until
 
 PROVIDERS = ["g4f", "openai"]
 PATHS = [pytest.param(True, "async", id="async"), pytest.param(False, "thread", id="thread")]
@@ -74,11 +75,6 @@ def unique(text: str) -> str:
     return f"{text} {uuid.uuid4().hex[:10]}"
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float) -> Any:
-    end = time.monotonic() + timeout
-    while not (value := predicate()) and time.monotonic() < end:
-        time.sleep(0.02)
-    return value
 
 
 def assert_stream_headers(response: Any) -> None:

@@ -11,7 +11,6 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -19,17 +18,13 @@ import aiohttp
 import pytest
 
 from bench.fake_upstream import FakeUpstream
+from servers import wait_until
 
 pytestmark = pytest.mark.slow
 
 STREAMS = 200
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, step: float = 0.02) -> Any:
-    end = time.monotonic() + timeout
-    while not (value := predicate()) and time.monotonic() < end:
-        time.sleep(step)
-    return value
 
 
 def get_json(url: str, client_id: str) -> tuple[int, Any]:
