@@ -6,6 +6,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -63,22 +64,31 @@ def base_settings(database_url: str, upstream_url: str) -> dict[str, Any]:
     }
 
 
-@pytest.fixture
-def make_app(database_url: str, upstream: FakeUpstream) -> Iterator[Callable[..., Flask]]:
-    """Build apps with setting overrides; close them after the test."""
+@contextmanager
+def app_builder(database_url: str, upstream_url: str) -> Iterator[Callable[..., Flask]]:
+    """Yield a factory of test apps with setting overrides; close every app it built."""
     apps: list[Flask] = []
 
     def factory(**overrides: Any) -> Flask:
-        settings = base_settings(database_url, upstream.url)
+        settings = base_settings(database_url, upstream_url)
         settings.update(overrides)
         app = create_app(settings)
         app.config["TESTING"] = True
         apps.append(app)
         return app
 
-    yield factory
-    for app in apps:
-        app.extensions["chat"].close()
+    try:
+        yield factory
+    finally:
+        for app in apps:
+            app.extensions["chat"].close()
+
+
+@pytest.fixture
+def make_app(database_url: str, upstream: FakeUpstream) -> Iterator[Callable[..., Flask]]:
+    """Build apps with setting overrides; close them after the test."""
+    with app_builder(database_url, upstream.url) as factory:
+        yield factory
 
 
 @pytest.fixture

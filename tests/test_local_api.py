@@ -19,11 +19,10 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from chat import create_app
 from chat.providers.base import ChatRequest
 from chat.providers.local import available
 from chat.settings import SettingsError
-from conftest import base_settings, new_client
+from conftest import app_builder, new_client
 from servers import wait_until
 
 AVAILABLE, REASON = available()
@@ -70,19 +69,8 @@ def stored_messages(client: FlaskClient, conversation_id: str) -> list[dict[str,
 @pytest.fixture(scope="module")
 def build(database_url: str, upstream: Any) -> Iterator[Callable[..., Flask]]:
     """Build apps shared by the module (each app loads its own model on first use)."""
-    apps: list[Flask] = []
-
-    def factory(**overrides: Any) -> Flask:
-        settings = base_settings(database_url, upstream.url)
-        settings.update(overrides)
-        app = create_app(settings)
-        app.config["TESTING"] = True
-        apps.append(app)
-        return app
-
-    yield factory
-    for app in apps:
-        app.extensions["chat"].close()
+    with app_builder(database_url, upstream.url) as factory:
+        yield factory
 
 
 @pytest.fixture(scope="module")
