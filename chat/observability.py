@@ -53,14 +53,14 @@ def _native_logging_locks(handler: logging.Handler) -> None:
     The event-loop and pool threads log too; a gevent lock shared with them can stall
     a native thread that contends for it.
     """
-    from .dispatcher import _original, gevent_active
+    from .greenbridge import gevent_active, original
 
     if not gevent_active():
         return
     # _thread.RLock, not threading.RLock: under patching the latter is threading's Python
     # RLock around a gevent lock, and a greenlet waiting for it while a native thread
     # holds it was never woken (chats hung for ever in the access log line).
-    rlock = _original("_thread", "RLock")
+    rlock = original("_thread", "RLock")
     if not isinstance(logging._lock, rlock):  # type: ignore[attr-defined]
         logging._lock = rlock()  # type: ignore[attr-defined]
     handler.lock = rlock()

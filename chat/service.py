@@ -11,7 +11,8 @@ from typing import Any
 
 from . import metrics
 from .cache import ResponseCache, cache_key
-from .dispatcher import ASYNC, CACHE, Dispatcher, native_lock
+from .dispatcher import ASYNC, CACHE, Dispatcher
+from .greenbridge import native_lock
 from .errors import ChatError, Overloaded, UpstreamError, UpstreamTimeout
 from .providers import ProviderRegistry
 from .providers.retry import flush_retries

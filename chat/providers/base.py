@@ -117,10 +117,10 @@ class AsyncProvider(Provider):
     """
 
     def __init__(self) -> None:
-        from ..dispatcher import _original
+        from ..greenbridge import original
 
         self._thread_loops: dict[int, asyncio.AbstractEventLoop] = {}
-        self._get_ident = _original("_thread", "get_ident")
+        self._get_ident = original("_thread", "get_ident")
         self._loop_clients: dict[int, Any] = {}
 
     def loop_client(self, factory: Callable[[], Any]) -> Any:
@@ -132,7 +132,7 @@ class AsyncProvider(Provider):
         return client
 
     def _thread_loop(self) -> asyncio.AbstractEventLoop:
-        from ..dispatcher import NativeLoop
+        from ..greenbridge import NativeLoop
 
         ident = self._get_ident()
         loop = self._thread_loops.get(ident)
