@@ -146,26 +146,26 @@ class OpenAICompatProvider(AsyncProvider):
         client._platform = self._platform
         return client
 
-    async def acomplete(self, request: ChatRequest, *, deadline: float) -> Completion:
+    async def _create(self, request: ChatRequest, deadline: float, **extra: Any) -> Any:
+        """Send one chat request, retrying transient failures inside the deadline."""
         client = self._async_client()
+        async for attempt in async_retrying(self.name, deadline=deadline,
+                                            is_transient=is_transient, **self._retry):
+            with attempt:
+                response = await client.chat.completions.create(
+                    **_params(request), timeout=remaining(deadline), **extra)
+        return response
+
+    async def acomplete(self, request: ChatRequest, *, deadline: float) -> Completion:
         try:
-            async for attempt in async_retrying(self.name, deadline=deadline,
-                                                is_transient=is_transient, **self._retry):
-                with attempt:
-                    response = await client.chat.completions.create(
-                        **_params(request), timeout=remaining(deadline))
+            response = await self._create(request, deadline)
         except Exception as exc:
             raise wrap_error(self.name, exc) from exc
         return to_completion(self.name, response, request.model)
 
     async def astream(self, request: ChatRequest, *, deadline: float) -> AsyncIterator[StreamPiece]:
-        client = self._async_client()
         try:
-            async for attempt in async_retrying(self.name, deadline=deadline,
-                                                is_transient=is_transient, **self._retry):
-                with attempt:
-                    stream = await client.chat.completions.create(
-                        **_params(request), stream=True, timeout=remaining(deadline))
+            stream = await self._create(request, deadline, stream=True)
             async with stream:
                 async for chunk in stream:
                     piece = chunk_piece(chunk)
